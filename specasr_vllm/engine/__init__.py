@@ -1,0 +1,5 @@
+"""The embedded engine: target (and draft) models in one process, audio in, transcripts out."""
+
+from specasr_vllm.engine.transcriber import Segment, Transcriber, Transcript
+
+__all__ = ["Segment", "Transcriber", "Transcript"]

@@ -1,0 +1,84 @@
+"""Whisper's tokenizer, built only from the model directory's own tokenizer.json (never from a hub).
+
+Wraps a ``tokenizers.Tokenizer`` and knows Whisper's special tokens: start of transcript, languages,
+tasks, no-timestamps and the timestamp tokens.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+from specasr_vllm.errors import InvalidRequestError
+
+TIME_PRECISION = 0.02  # seconds per timestamp token
+
+
+class WhisperTokenizer:
+    def __init__(self, tokenizer: Tokenizer, multilingual: bool):
+        self.tokenizer = tokenizer
+        self.multilingual = multilingual
+        special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
+        self.eot = special["<|endoftext|>"]
+        self.sot = special["<|startoftranscript|>"]
+        self.translate = special["<|translate|>"]
+        self.transcribe = special["<|transcribe|>"]
+        self.no_speech = special.get("<|nospeech|>", special.get("<|nocaptions|>"))
+        self.no_timestamps = special["<|notimestamps|>"]
+        self.timestamp_begin = self.no_timestamps + 1
+        # language tokens sit between <|startoftranscript|> and <|translate|>, in Whisper's order
+        self.language_ids = {c[2:-2]: i for c, i in special.items() if self.sot < i < self.translate}
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, vocab_size: int) -> "WhisperTokenizer":
+        return cls(Tokenizer.from_file(str(model_dir / "tokenizer.json")), multilingual=vocab_size >= 51865)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of the ordinary tokens in ``ids`` (special and timestamp tokens dropped)."""
+        return self.tokenizer.decode([i for i in ids if i < self.eot])
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each ordinary token id stands for (byte-level BPE pieces may split characters)."""
+        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        vocab = self.tokenizer.get_vocab()
+        table = [b""] * self.eot
+        for piece, i in vocab.items():
+            if i < self.eot:
+                table[i] = bytes(byte_of[c] for c in piece)
+        return table
+
+    def language_code(self, language: str) -> str:
+        """Normalise ``en`` / ``English`` / ``english`` to a code this model knows, or raise."""
+        code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+        if not self.multilingual:
+            if code != "en":
+                raise InvalidRequestError(f"this model is English-only; language {language!r} is not supported")
+            return code
+        if code not in self.language_ids or code not in LANGUAGES:
+            raise InvalidRequestError(
+                f"unsupported language {language!r}; use an ISO 639-1 code such as 'en', 'de', 'es'"
+            )
+        return code
+
+    def prefix(self, language: str | None, task: str = "transcribe") -> list[int]:
+        """The forced start: <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>.
+
+        English-only models take no language or task token.
+        """
+        if task not in ("transcribe", "translate"):
+            raise InvalidRequestError(f"unknown task {task!r}; use 'transcribe' or 'translate'")
+        if not self.multilingual:
+            return [self.sot, self.no_timestamps]
+        if language is None:
+            raise InvalidRequestError("a multilingual model needs a language (or language detection)")
+        task_id = self.transcribe if task == "transcribe" else self.translate
+        return [self.sot, self.language_ids[self.language_code(language)], task_id, self.no_timestamps]

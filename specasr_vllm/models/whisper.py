@@ -1,0 +1,197 @@
+"""A lean Whisper built for speculative decoding.
+
+Module and parameter names follow Hugging Face's ``WhisperForConditionalGeneration`` (minus the
+``model.`` prefix) so its safetensors load directly. What differs is the decoder's interface:
+``decode`` takes several new tokens per row with any attention mask among them (a tree), and a
+``DecoderCache`` with per-row lengths that the caller can crop, compact and regroup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specasr_vllm.models.kv_cache import DecoderCache
+
+
+@dataclass(frozen=True)
+class WhisperDims:
+    n_mels: int
+    vocab_size: int
+    d_model: int
+    encoder_layers: int
+    encoder_heads: int
+    encoder_ffn: int
+    decoder_layers: int
+    decoder_heads: int
+    decoder_ffn: int
+    max_source_positions: int = 1500
+    max_target_positions: int = 448
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "WhisperDims":
+        return cls(
+            n_mels=cfg["num_mel_bins"], vocab_size=cfg["vocab_size"], d_model=cfg["d_model"],
+            encoder_layers=cfg["encoder_layers"], encoder_heads=cfg["encoder_attention_heads"],
+            encoder_ffn=cfg["encoder_ffn_dim"], decoder_layers=cfg["decoder_layers"],
+            decoder_heads=cfg["decoder_attention_heads"], decoder_ffn=cfg["decoder_ffn_dim"],
+            max_source_positions=cfg.get("max_source_positions", 1500),
+            max_target_positions=cfg.get("max_target_positions", 448),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, d_model // heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``q`` is (batch, t, d_model); ``k``/``v`` are already split into heads."""
+        out = F.scaled_dot_product_attention(self.split(q), k, v, attn_mask=mask)
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = Attention(d_model, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model)
+        self.fc1, self.fc2 = nn.Linear(d_model, ffn), nn.Linear(ffn, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.self_attn_layer_norm(x)
+        a = self.self_attn
+        x = x + a.attend(a.q_proj(h), a.split(a.k_proj(h)), a.split(a.v_proj(h)))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = Attention(d_model, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model)
+        self.encoder_attn = Attention(d_model, heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d_model)
+        self.fc1, self.fc2 = nn.Linear(d_model, ffn), nn.Linear(ffn, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: DecoderCache, mask: torch.Tensor, span: int) -> torch.Tensor:
+        a = self.self_attn
+        h = self.self_attn_layer_norm(x)
+        cache.write(layer, a.split(a.k_proj(h)), a.split(a.v_proj(h)))
+        x = x + a.attend(a.q_proj(h), cache.self_k[layer, :, :, :span], cache.self_v[layer, :, :, :span], mask)
+        c = self.encoder_attn
+        x = x + c.attend(c.q_proj(self.encoder_attn_layer_norm(x)), cache.cross_k[layer], cache.cross_v[layer])
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, dims: WhisperDims):
+        super().__init__()
+        d = dims.d_model
+        self.conv1 = nn.Conv1d(dims.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(dims.max_source_positions, d)
+        self.layers = nn.ModuleList(EncoderLayer(d, dims.encoder_heads, dims.encoder_ffn) for _ in range(dims.encoder_layers))
+        self.layer_norm = nn.LayerNorm(d)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, frames) -> (batch, frames // 2, d_model); frames may be fewer than 3000."""
+        x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
+        x = x + self.embed_positions.weight[: x.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, dims: WhisperDims):
+        super().__init__()
+        d = dims.d_model
+        self.embed_tokens = nn.Embedding(dims.vocab_size, d)
+        self.embed_positions = nn.Embedding(dims.max_target_positions, d)
+        self.layers = nn.ModuleList(DecoderLayer(d, dims.decoder_heads, dims.decoder_ffn) for _ in range(dims.decoder_layers))
+        self.layer_norm = nn.LayerNorm(d)
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: WhisperDims):
+        super().__init__()
+        self.dims = dims
+        self.encoder = Encoder(dims)
+        self.decoder = Decoder(dims)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @torch.inference_mode()
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.encoder(mel.to(self.device, self.dtype))
+
+    @torch.inference_mode()
+    def new_cache(self, audio_features: torch.Tensor) -> DecoderCache:
+        """Cross-attention keys/values for each row's audio (computed once), and an empty self cache."""
+        ks, vs = [], []
+        for layer in self.decoder.layers:
+            attn = layer.encoder_attn
+            ks.append(attn.split(attn.k_proj(audio_features)))
+            vs.append(attn.split(attn.v_proj(audio_features)))
+        return DecoderCache.allocate(torch.stack(ks), torch.stack(vs), self.dims.max_target_positions)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        cache: DecoderCache,
+        tree_mask: torch.Tensor | None = None,
+        depths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, n, vocab) for ``n`` new tokens per row, appended after each row's cached length.
+
+        ``tree_mask[b, i, j]`` (optional, default causal) says whether new token ``i`` sees new token
+        ``j``; ``depths[b, i]`` (default ``i``) is its distance from the cached prefix, which sets its
+        position embedding. The new tokens occupy slots ``lengths .. lengths + n``, and ``lengths``
+        grows by ``n``: the caller crops or compacts to what it accepts.
+        """
+        batch, n = tokens.shape
+        dev = tokens.device
+        if depths is None:
+            depths = torch.arange(n, device=dev).expand(batch, n)
+        if tree_mask is None:
+            tree_mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(batch, n, n)
+        starts = cache.lengths
+        if int(starts.max()) + n > cache.capacity:
+            raise ValueError(f"decoder positions exceed {cache.capacity}")
+        span = int(starts.max()) + n
+        # key slot s is visible to new token i of row b if it is cached (s < start) or a visible new token
+        slot = torch.arange(span, device=dev)
+        cached = slot[None, None, :] < starts[:, None, None]
+        rel = (slot[None, :] - starts[:, None]).clamp(0, n - 1)  # (batch, span)
+        in_new = (slot[None, :] >= starts[:, None]) & (slot[None, :] < starts[:, None] + n)
+        new_visible = torch.gather(tree_mask, 2, rel[:, None, :].expand(batch, n, span)) & in_new[:, None, :]
+        mask = (cached | new_visible)[:, None]  # (batch, 1, n, span)
+
+        positions = starts[:, None] + depths
+        x = self.decoder.embed_tokens(tokens) + self.decoder.embed_positions(positions)
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, i, cache, mask, span)
+        cache.lengths = starts + n
+        return self.decoder.layer_norm(x) @ self.decoder.embed_tokens.weight.T
