@@ -11,7 +11,7 @@ from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import WhisperRules
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, prefixes: list[list[int]]) -> list[list[int]]:
     """Generated tokens (end-of-text excluded) for each row; all prefixes have the same length.
 

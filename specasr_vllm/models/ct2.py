@@ -216,9 +216,10 @@ def hf_configs(model: CT2Model, ct2_config: dict, tokenizer: dict) -> tuple[dict
         "is_multilingual": multilingual,
         "no_timestamps_token_id": specials["<|notimestamps|>"],
         "prev_sot_token_id": specials["<|startofprev|>"],
-        "lang_to_id": languages if multilingual else {},
-        "task_to_id": {"transcribe": specials["<|transcribe|>"], "translate": specials["<|translate|>"]},
     }
+    if multilingual:  # English-only models must not have these: transformers would "detect" a language
+        generation["lang_to_id"] = languages
+        generation["task_to_id"] = {"transcribe": specials["<|transcribe|>"], "translate": specials["<|translate|>"]}
     preprocessor = {
         "feature_extractor_type": "WhisperFeatureExtractor",
         "feature_size": int(n_mels),

@@ -46,7 +46,7 @@ class WhisperTokenizer:
     @cached_property
     def token_bytes(self) -> list[bytes]:
         """The UTF-8 bytes each ordinary token id stands for (byte-level BPE pieces may split characters)."""
-        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         vocab = self.tokenizer.get_vocab()

@@ -142,11 +142,11 @@ class Whisper(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.embed_tokens.weight.device
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         return self.encoder(mel.to(self.device, self.dtype))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def new_cache(self, audio_features: torch.Tensor) -> DecoderCache:
         """Cross-attention keys/values for each row's audio (computed once), and an empty self cache."""
         ks, vs = [], []
@@ -156,7 +156,7 @@ class Whisper(nn.Module):
             vs.append(attn.split(attn.v_proj(audio_features)))
         return DecoderCache.allocate(torch.stack(ks), torch.stack(vs), self.dims.max_target_positions)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(
         self,
         tokens: torch.Tensor,

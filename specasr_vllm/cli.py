@@ -1,0 +1,130 @@
+"""The ``specasr`` command: transcribe files, evaluate on a manifest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from specasr_vllm.config import DEFAULT_MODEL, EngineConfig, default_manifest
+from specasr_vllm.errors import SpecASRError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name, local directory or hub id (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=EngineConfig.batch_size, help="30 s windows decoded together")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--device", default="cpu")
+
+
+def _config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, batch_size=args.batch_size, threads=args.threads, device=args.device)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from specasr_vllm.audio import decode_audio
+    from specasr_vllm.engine import Transcriber
+    from specasr_vllm.formats import render
+
+    transcriber = Transcriber(_config(args))
+    if args.language:
+        transcriber.target.tokenizer.language_code(args.language)  # fail before any work
+    failed = 0
+    size = args.batch_size
+    with tqdm(total=len(args.files), unit="file", desc="transcribing", disable=args.quiet) as bar:
+        for start in range(0, len(args.files), size):
+            group, audios = [], []
+            for path in args.files[start : start + size]:
+                try:
+                    audios.append(decode_audio(path))
+                    group.append(path)
+                except SpecASRError as exc:
+                    tqdm.write(f"error: {exc}", file=sys.stderr)
+                    failed += 1
+                    bar.update(1)
+            for path, result in zip(group, transcriber.transcribe(audios, language=args.language, task=args.task)):
+                _emit(path, render(result, args.output_format), args, multiple=len(args.files) > 1)
+                bar.update(1)
+    return 1 if failed else 0
+
+
+def _emit(path: str, text: str, args: argparse.Namespace, multiple: bool) -> None:
+    if args.output_dir:
+        out = Path(args.output_dir) / f"{Path(path).stem}.{args.output_format.replace('text', 'txt')}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    elif multiple and args.output_format != "json":
+        tqdm.write(f"==> {path} <==\n{text}", end="")
+    else:
+        tqdm.write(text, end="")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from specasr_vllm.audio import decode_audio
+    from specasr_vllm.engine import Transcriber
+    from specasr_vllm.evaluation import read_manifest, total, word_errors
+
+    entries = read_manifest(Path(args.manifest), language=args.language, max_duration=args.max_duration)[: args.limit]
+    transcriber = Transcriber(_config(args))
+    if not transcriber.target.tokenizer.multilingual:
+        skipped = [e for e in entries if e.language != "en"]
+        entries = [e for e in entries if e.language == "en"]
+        for e in skipped:
+            print(f"skip {e.id}: {args.model} is English-only and this file is {e.language!r}")
+    by_language: dict[str, list] = {}
+    print(f"{'id':<28} {'lang':<4} {'WER':>6}  hypothesis")
+    for start in tqdm(range(0, len(entries), args.batch_size), desc="evaluating", unit="batch", file=sys.stderr):
+        group = entries[start : start + args.batch_size]
+        for lang in sorted({e.language for e in group}):
+            same = [e for e in group if e.language == lang]
+            results = transcriber.transcribe([decode_audio(e.audio) for e in same],
+                                              language=None if args.detect_language else lang)
+            for e, r in zip(same, results):
+                w = word_errors(e.text, r.text, e.language)
+                by_language.setdefault(e.language, []).append(w)
+                print(f"{e.id:<28} {e.language:<4} {100 * w.rate:5.1f}%  {r.text}")
+    print()
+    for lang, wers in sorted(by_language.items()):
+        t = total(wers)
+        print(f"WER [{lang}] {100 * t.rate:.2f}% ({t.errors} errors / {t.words} words, {len(wers)} files)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specasr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("transcribe", help="transcribe audio files")
+    p.add_argument("files", nargs="+")
+    _engine_args(p)
+    p.add_argument("--language", default=None, help="language code or name (default: detect)")
+    p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    p.add_argument("--output-format", default="text", choices=["text", "json", "srt", "vtt"])
+    p.add_argument("--output-dir", default=None, help="write FILE.<format> here instead of printing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("eval", help="word error rate on a JSONL manifest")
+    p.add_argument("--manifest", default=str(default_manifest()))
+    _engine_args(p)
+    p.add_argument("--language", default=None, help="only entries of this language")
+    p.add_argument("--max-duration", type=float, default=None, help="only entries at most this long (s)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N entries")
+    p.add_argument("--detect-language", action="store_true", help="detect instead of using the manifest's language")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecASRError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The lean Whisper against transformers, and the KV cache operations speculative decoding relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import WhisperForConditionalGeneration
+
+from conftest import make_random_hf_dir
+from specasr_vllm.models.loading import load_whisper
+
+TOL = 1e-4  # fp32, max absolute logit difference
+
+
+@pytest.fixture(scope="module", params=[80, 128], ids=["80mel", "128mel"])
+def random_pair(request, tmp_path_factory, base_dir):
+    d = make_random_hf_dir(tmp_path_factory.mktemp(f"rand{request.param}"), base_dir, n_mels=request.param)
+    return load_whisper(d), WhisperForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def _hf_logits(hf, mel, tokens):
+    with torch.no_grad():
+        return hf(input_features=mel, decoder_input_ids=tokens).logits
+
+
+def test_random_model_matches_transformers(random_pair):
+    lean, hf = random_pair
+    mel = torch.randn(2, lean.dims.n_mels, 3000)
+    tokens = torch.randint(0, 50000, (2, 9))
+    with torch.no_grad():
+        hf_enc = hf.model.encoder(mel).last_hidden_state
+    assert (lean.encode(mel) - hf_enc).abs().max() < TOL
+    cache = lean.new_cache(lean.encode(mel))
+    ours = torch.cat([lean.decode(tokens[:, :4], cache), lean.decode(tokens[:, 4:], cache)], dim=1)
+    assert (ours - _hf_logits(hf, mel, tokens)).abs().max() < TOL
+
+
+def test_real_base_matches_transformers(base_dir):
+    lean = load_whisper(base_dir)
+    hf = WhisperForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    mel = torch.randn(1, 80, 3000) * 0.3
+    tokens = torch.tensor([[50258, 50259, 50359, 50363, 440, 1029, 291, 13]])
+    cache = lean.new_cache(lean.encode(mel))
+    diff = (lean.decode(tokens, cache) - _hf_logits(hf, mel, tokens)).abs().max()
+    assert diff < 1e-3, diff  # logits are O(30): relative 3e-5
+
+
+@pytest.fixture(scope="module")
+def lean(random_pair):
+    return random_pair[0]
+
+
+def _fresh(lean, mel, tokens):
+    cache = lean.new_cache(lean.encode(mel))
+    return lean.decode(tokens, cache), cache
+
+
+def test_crop_then_redecode_equals_fresh(lean):
+    mel = torch.randn(1, lean.dims.n_mels, 3000)
+    tokens = torch.randint(0, 50000, (1, 10))
+    full, _ = _fresh(lean, mel, tokens)
+    cache = lean.new_cache(lean.encode(mel))
+    lean.decode(torch.randint(0, 50000, (1, 10)), cache)  # a wrong draft ...
+    cache.crop([0])  # ... rolled back entirely
+    assert torch.allclose(lean.decode(tokens, cache), full, atol=1e-5)
+    cache.crop([6])  # keep 6, redo the last 4
+    assert torch.allclose(lean.decode(tokens[:, 6:], cache), full[:, 6:], atol=1e-5)
+    assert cache.lengths.tolist() == [10]
+
+
+def test_rows_with_different_lengths_decode_like_separate_requests(lean):
+    mel = torch.randn(2, lean.dims.n_mels, 3000)
+    a, b = torch.randint(0, 50000, (1, 7)), torch.randint(0, 50000, (1, 4))
+    la, _ = _fresh(lean, mel[:1], a)
+    lb, _ = _fresh(lean, mel[1:], b)
+    cache = lean.new_cache(lean.encode(mel))
+    lean.decode(torch.cat([a[:, :5], torch.cat([b[:, :2], b[:, :3]], 1)]), cache)  # row 1 gets junk after 2
+    cache.crop([5, 2])
+    out = lean.decode(torch.cat([a[:, 5:], b[:, 2:]]), cache)
+    assert torch.allclose(out[0], la[0, 5:], atol=1e-5)
+    assert torch.allclose(out[1], lb[0, 2:], atol=1e-5)
+
+
+def test_tree_mask_gives_each_branch_its_chain_logits(lean):
+    """A tree [root; x under root; y under root; z under x] equals chains root-x-z and root-y."""
+    mel = torch.randn(1, lean.dims.n_mels, 3000)
+    prefix = torch.randint(0, 50000, (1, 3))
+    root, x, y, z = 11, 22, 33, 44
+    chain_xz, _ = _fresh(lean, mel, torch.cat([prefix, torch.tensor([[root, x, z]])], 1))
+    chain_y, _ = _fresh(lean, mel, torch.cat([prefix, torch.tensor([[root, y]])], 1))
+    cache = lean.new_cache(lean.encode(mel))
+    lean.decode(prefix, cache)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)[None]
+    depths = torch.tensor([[0, 1, 1, 2]])
+    tree = lean.decode(torch.tensor([[root, x, y, z]]), cache, tree_mask=mask, depths=depths)
+    assert torch.allclose(tree[0, [0, 1, 3]], chain_xz[0, 3:], atol=1e-5)
+    assert torch.allclose(tree[0, 2], chain_y[0, 4], atol=1e-5)
+    # keep the accepted path root-y: the cache then continues exactly like the chain
+    cache.keep(0, 3, [0, 2])
+    nxt = lean.decode(torch.tensor([[55]]), cache)
+    ref, _ = _fresh(lean, mel, torch.cat([prefix, torch.tensor([[root, y, 55]])], 1))
+    assert torch.allclose(nxt[0, 0], ref[0, -1], atol=1e-5)
+
+
+def test_select_rows(lean):
+    mel = torch.randn(3, lean.dims.n_mels, 3000)
+    tokens = torch.randint(0, 50000, (3, 5))
+    full, cache = _fresh(lean, mel, tokens)
+    sub = cache.select([2, 0])
+    nxt = lean.decode(torch.tensor([[7], [8]]), sub)
+    ref, _ = _fresh(lean, mel[[2, 0]], torch.cat([tokens[[2, 0]], torch.tensor([[7], [8]])], 1))
+    assert torch.allclose(nxt[:, 0], ref[:, -1], atol=1e-5)
+
+
+def test_short_audio_encoder_uses_leading_positions(lean):
+    mel = torch.randn(1, lean.dims.n_mels, 3000)
+    assert lean.encode(mel[:, :, :1000]).shape == (1, 500, lean.dims.d_model)
+
+
+def test_decode_past_capacity_is_refused(lean):
+    cache = lean.new_cache(lean.encode(torch.randn(1, lean.dims.n_mels, 3000)))
+    cache.crop([447])
+    with pytest.raises(ValueError, match="exceed"):
+        lean.decode(torch.tensor([[1, 2]]), cache)
