@@ -80,3 +80,24 @@ def tiny_en_dir() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on a network
+
+
+@pytest.fixture(scope="session")
+def dev_audio(manifest):
+    from specasr_vllm.audio import decode_audio
+
+    return {e.id: decode_audio(e.audio) for e in manifest}
+
+
+@pytest.fixture(scope="session")
+def base_ar(base, manifest, dev_audio):
+    """whisper-base greedy AR transcripts of every dev file (with the manifest's language): the reference."""
+    from specasr_vllm.engine import Transcriber
+
+    transcriber = Transcriber(target=base)
+    out = {}
+    for lang in sorted({e.language for e in manifest}):
+        entries = [e for e in manifest if e.language == lang]
+        for e, t in zip(entries, transcriber.transcribe([dev_audio[e.id] for e in entries], language=lang)):
+            out[e.id] = t
+    return out
