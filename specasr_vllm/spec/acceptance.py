@@ -1,0 +1,38 @@
+"""The acceptance rule, in one place: which drafted tokens the target keeps after one pass.
+
+Greedy (temperature 0): starting at the root, follow the child whose token equals the target's own
+greedy choice at the current node; stop at the first node with no such child. The target's choice
+there is the bonus token, so every pass yields at least one token and the output is exactly what the
+target would produce alone. A sampling rule would replace ``accept_greedy`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specasr_vllm.spec.tree import ROOT, DraftTree
+
+
+@dataclass
+class Acceptance:
+    nodes: list[int]  # accepted node indices, root to leaf
+    bonus: int  # the target's token after the last accepted node
+
+    def tokens(self, tree: DraftTree) -> list[int]:
+        return [tree.tokens[i] for i in self.nodes] + [self.bonus]
+
+
+def accept_greedy(tree: DraftTree, target_choice: list[int], eot: int) -> Acceptance:
+    """``target_choice[i]`` is the target's greedy token after verification input ``i`` (0 = root).
+
+    Walking stops after an accepted end-of-text: nothing after it counts.
+    """
+    nodes: list[int] = []
+    current = ROOT
+    while True:
+        choice = target_choice[current + 1]
+        nxt = tree.child(current, choice)
+        if nxt is None or choice == eot:
+            return Acceptance(nodes, choice)
+        nodes.append(nxt)
+        current = nxt
