@@ -6,7 +6,7 @@ Everything else imports from here instead of repeating a literal.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
@@ -25,6 +25,7 @@ MAX_TARGET_POSITIONS = 448  # Whisper's decoder length limit, prefix included
 # --- models ---
 DEFAULT_MODEL = "whisper-base"
 DEFAULT_DRAFT = "whisper-tiny.en"
+METHODS = ("ar", "sd", "specasr")
 
 
 def cache_dir() -> Path:
@@ -46,6 +47,35 @@ def default_manifest() -> Path:
 
 
 @dataclass
+class SpecConfig:
+    """SpecASR's knobs. ``method`` picks a preset; the switches allow ablations of each idea."""
+
+    adaptive: bool = True  # stop drafting on low confidence (else a fixed length ``k``)
+    recycling: bool = True  # reuse the rejected draft's remainder, re-checked in one parallel pass
+    tree: bool = True  # second pass: alternatives at the chain's least confident positions
+    k: int = 8  # fixed draft length when not adaptive (plain speculative decoding)
+    auto_threshold: bool = True  # tune the stopping rule online from observed acceptance and costs
+    threshold: float = 0.4  # with auto_threshold off: stop below this top-1 draft probability
+    max_draft: int = 24  # adaptive cap on a chain's length
+    tree_branches: int = 2  # low-confidence chain positions that get an alternative
+    tree_threshold: float = 0.8  # only positions whose draft probability is below this branch
+    tree_depth: int = 2  # tokens per alternative branch (the alternative plus a greedy continuation)
+    draft_unpadded: bool = True  # the draft's encoder sees the audio, not the padded 30 s window
+    draft_int8: bool = True  # dynamic int8 quantisation of the draft's linear layers (CPU)
+    draft_vocab: int | None = 16384  # the draft's output layer covers only the first N ids (BPE's most frequent)
+    fallback_after: int = 4  # passes before judging whether drafting pays for a request
+    min_accept: float = 0.3  # accepted tokens per pass, beyond paying for the draft steps, that drafting must earn
+
+    @classmethod
+    def for_method(cls, method: str, **overrides) -> "SpecConfig":
+        if method == "sd":
+            base = dict(adaptive=False, recycling=False, tree=False)
+        else:
+            base = {}
+        return cls(**{**base, **overrides})
+
+
+@dataclass
 class EngineConfig:
     """How the embedded engine runs: which models, which decoding method, where, how many at once."""
 
@@ -56,3 +86,4 @@ class EngineConfig:
     dtype: str = "float32"
     batch_size: int = 8  # 30 s windows encoded and decoded together
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
+    spec: SpecConfig = field(default_factory=SpecConfig)

@@ -56,8 +56,11 @@ def make_random_hf_dir(path: Path, tokenizer_from: Path, *, d_model=64, layers=2
     )
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config)
-    with torch.no_grad():  # sharper logits than the default init, so greedy paths are less tie-prone
-        model.model.decoder.embed_tokens.weight.normal_(0, 0.5)
+    with torch.no_grad():  # sharper logits than the default init, so greedy paths are less tie-prone;
+        embed = model.model.decoder.embed_tokens.weight  # special and timestamp tokens rarely win, like in speech
+        embed.normal_(0, 0.5)
+        embed[source_config["eos_token_id"] + 1 :] *= 0.05
+        model.model.decoder.embed_positions.weight.normal_(0, 1.0)  # varied output rather than one repeated token
     model.save_pretrained(path, safe_serialization=True)
     for name in ("tokenizer.json", "generation_config.json"):
         (path / name).write_text((tokenizer_from / name).read_text())

@@ -12,8 +12,10 @@ from specasr_vllm.models.rules import WhisperRules
 
 
 @torch.no_grad()
-def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, prefixes: list[list[int]]) -> list[list[int]]:
-    """Generated tokens (end-of-text excluded) for each row; all prefixes have the same length.
+def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, prefixes: list[list[int]],
+              max_positions: int = MAX_TARGET_POSITIONS) -> list[list[int]]:
+    """Generated tokens (end-of-text excluded) for each row; all prefixes have the same length, and
+    prefix plus output stop at ``max_positions`` (Whisper's 448 by default).
 
     One decoder step per token for the whole batch; rows that finish leave the batch so the rest
     stop paying for them.
@@ -32,7 +34,7 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
         for i, (row, tok) in enumerate(zip(active, tokens)):
             if tok != rules.eot:
                 outputs[row].append(tok)
-            if tok != rules.eot and prefix.shape[1] + len(outputs[row]) < MAX_TARGET_POSITIONS:
+            if tok != rules.eot and prefix.shape[1] + len(outputs[row]) < max_positions:
                 keep.append(i)
         if len(keep) < len(active):
             cache = cache.select(keep)

@@ -7,14 +7,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import time
+
 from specasr_vllm.audio import log_mel_spectrogram, split_points
-from specasr_vllm.config import SAMPLE_RATE, EngineConfig
+from specasr_vllm.config import DEFAULT_DRAFT, HOP_LENGTH, METHODS, N_FRAMES, SAMPLE_RATE, EngineConfig
 from specasr_vllm.engine.ar import decode_ar
+from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
+from specasr_vllm.spec.adaptive import ConfidencePolicy, Costs, FixedLength
+from specasr_vllm.spec.bridge import make_bridge
+from specasr_vllm.spec.draft_model import DraftModel
+from specasr_vllm.spec.drafter import Drafter
+from specasr_vllm.spec.stats import SpecStats
 
-METHODS = ("ar",)
+DRAFT_MARGIN_FRAMES = 100  # 1 s of context past the audio's end for the draft's unpadded encoder
 
 
 @dataclass
@@ -31,6 +39,8 @@ class Transcript:
     language: str
     duration: float
     segments: list[Segment] = field(default_factory=list)
+    stats: SpecStats = field(default_factory=SpecStats)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of the batches this audio was in
 
     @property
     def tokens(self) -> list[int]:
@@ -48,7 +58,8 @@ class _Window:
 class Transcriber:
     """Loads the configured models once; ``transcribe`` takes a list of 16 kHz mono arrays."""
 
-    def __init__(self, config: EngineConfig | None = None, *, target: ASRModel | None = None):
+    def __init__(self, config: EngineConfig | None = None, *, target: ASRModel | None = None,
+                 draft: ASRModel | None = None):
         self.config = config or EngineConfig()
         if self.config.method not in METHODS:
             raise InvalidRequestError(f"unknown method {self.config.method!r}; choose from {', '.join(METHODS)}")
@@ -59,6 +70,15 @@ class Transcriber:
         dtype = getattr(torch, self.config.dtype)
         self.target = target or load_model(self.config.model, self.config.device, dtype)
         self.rules = WhisperRules(self.target)
+        self.draft: DraftModel | None = None
+        if self.config.method != "ar":
+            spec = self.config.spec
+            draft = draft or load_model(self.config.draft or DEFAULT_DRAFT, self.config.device, dtype)
+            self.draft = DraftModel(draft, spec)
+            self.bridge = make_bridge(self.target.tokenizer, draft.tokenizer)
+            self.costs = Costs()  # shared by every batch: calibration and costs carry over
+            self.policy = (ConfidencePolicy(spec.threshold, cap=spec.max_draft, auto=spec.auto_threshold, costs=self.costs)
+                           if spec.adaptive else FixedLength(spec.k))
 
     def transcribe(self, audios: list[np.ndarray], language: str | None = None, task: str = "transcribe") -> list[Transcript]:
         tok = self.target.tokenizer
@@ -72,30 +92,61 @@ class Transcriber:
         ]
         windows.sort(key=lambda w: (w.window_index, w.audio_index))  # every first window before any second
         texts: dict[tuple[int, int], Segment] = {}
+        results = [Transcript(text="", language="", duration=len(a) / SAMPLE_RATE) for a in audios]
         size = self.config.batch_size
         for b in range(0, len(windows), size):
             batch = windows[b : b + size]
-            mels = torch.stack([log_mel_spectrogram(audios[w.audio_index][w.start : w.end], self.target.n_mels) for w in batch])
+            clips = [audios[w.audio_index][w.start : w.end] for w in batch]
+            timings = {"encode": time.perf_counter()}
+            mels = torch.stack([log_mel_spectrogram(c, self.target.n_mels) for c in clips])
             features = self.target.model.encode(mels)
             undetected = [i for i, w in enumerate(batch) if languages[w.audio_index] is None]
             if undetected:
                 for i, code in zip(undetected, self._detect_language(features[undetected])):
                     languages[batch[i].audio_index] = code
             prefixes = [tok.prefix(languages[w.audio_index], task) for w in batch]
-            for w, tokens in zip(batch, decode_ar(self.target, self.rules, features, prefixes)):
+            timings["encode"] = time.perf_counter() - timings["encode"]
+            if self.draft is None:
+                t0 = time.perf_counter()
+                outputs = decode_ar(self.target, self.rules, features, prefixes)
+                stats = [SpecStats() for _ in batch]
+            else:
+                t0 = time.perf_counter()
+                drafter = self._start_drafter(clips, mels, [languages[w.audio_index] for w in batch], task)
+                timings["draft_encode"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                outputs = decode_speculative(self.target, self.rules, drafter, features, prefixes, list(range(len(batch))))
+                stats = [drafter.stats(i) for i in range(len(batch))]
+            timings["decode"] = time.perf_counter() - t0
+            for w, tokens, st in zip(batch, outputs, stats):
                 texts[(w.audio_index, w.window_index)] = Segment(
                     w.start / SAMPLE_RATE, w.end / SAMPLE_RATE, tok.decode(tokens).strip(), tokens
                 )
-        results = []
-        for a, audio in enumerate(audios):
-            segments = [texts[k] for k in sorted(k for k in texts if k[0] == a)]
-            results.append(Transcript(
-                text=" ".join(s.text for s in segments if s.text),
-                language=languages[a] or "en",
-                duration=len(audio) / SAMPLE_RATE,
-                segments=segments,
-            ))
+                results[w.audio_index].stats.merge(st)
+            for a in {w.audio_index for w in batch}:
+                for name, seconds in timings.items():
+                    results[a].timings[name] = results[a].timings.get(name, 0.0) + seconds
+        for a, result in enumerate(results):
+            result.segments = [texts[k] for k in sorted(k for k in texts if k[0] == a)]
+            result.text = " ".join(s.text for s in result.segments if s.text)
+            result.language = languages[a] or "en"
         return results
+
+    def _start_drafter(self, clips: list[np.ndarray], mels: torch.Tensor, languages: list[str], task: str) -> Drafter:
+        """Encode the batch for the draft (unpadded if configured) and register each window with it."""
+        draft_tok = self.draft.asr.tokenizer
+        if self.draft.asr.n_mels != self.target.n_mels:
+            mels = torch.stack([log_mel_spectrogram(c, self.draft.asr.n_mels) for c in clips])
+        if self.config.spec.draft_unpadded:
+            frames = max(len(c) for c in clips) // HOP_LENGTH + DRAFT_MARGIN_FRAMES
+            mels = mels[:, :, : min(N_FRAMES, frames + frames % 2)]
+        features = self.draft.encode(mels)
+        # an English-only draft serves English transcription only; elsewhere the request runs as AR
+        enabled = [draft_tok.multilingual or (lang == "en" and task == "transcribe") for lang in languages]
+        prefixes = [draft_tok.prefix(lang if draft_tok.multilingual else None, task) for lang in languages]
+        drafter = Drafter(self.draft, self.bridge, self.config.spec, self.policy, self.costs)
+        drafter.add(list(range(len(clips))), features, prefixes, enabled)
+        return drafter
 
     def _detect_language(self, features: torch.Tensor) -> list[str]:
         model = self.target.model

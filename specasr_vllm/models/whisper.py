@@ -8,6 +8,7 @@ Module and parameter names follow Hugging Face's ``WhisperForConditionalGenerati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -128,11 +129,12 @@ class Decoder(nn.Module):
 
 
 class Whisper(nn.Module):
-    def __init__(self, dims: WhisperDims):
+    def __init__(self, dims: WhisperDims, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
+        """``encoder``/``decoder`` let a variant share or replace a part (a quantised draft decoder)."""
         super().__init__()
         self.dims = dims
-        self.encoder = Encoder(dims)
-        self.decoder = Decoder(dims)
+        self.encoder = encoder if encoder is not None else Encoder(dims)
+        self.decoder = decoder if decoder is not None else Decoder(dims)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,13 +165,15 @@ class Whisper(nn.Module):
         cache: DecoderCache,
         tree_mask: torch.Tensor | None = None,
         depths: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits (batch, n, vocab) for ``n`` new tokens per row, appended after each row's cached length.
 
         ``tree_mask[b, i, j]`` (optional, default causal) says whether new token ``i`` sees new token
         ``j``; ``depths[b, i]`` (default ``i``) is its distance from the cached prefix, which sets its
         position embedding. The new tokens occupy slots ``lengths .. lengths + n``, and ``lengths``
-        grows by ``n``: the caller crops or compacts to what it accepts.
+        grows by ``n``: the caller crops or compacts to what it accepts. ``head`` replaces the tied
+        output projection (a draft may project onto part of the vocabulary only).
         """
         batch, n = tokens.shape
         dev = tokens.device
@@ -194,4 +198,5 @@ class Whisper(nn.Module):
         for i, layer in enumerate(self.decoder.layers):
             x = layer(x, i, cache, mask, span)
         cache.lengths = starts + n
-        return self.decoder.layer_norm(x) @ self.decoder.embed_tokens.weight.T
+        x = self.decoder.layer_norm(x)
+        return head(x) if head is not None else x @ self.decoder.embed_tokens.weight.T

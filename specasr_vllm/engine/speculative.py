@@ -1,0 +1,72 @@
+"""Speculative decoding on the target: prefill, then one verification pass per draft tree.
+
+The whole loop on one screen: the target's prefill yields each row's first token; then, until every
+row ends, the drafter proposes a tree per row, the target scores every row's tree in one batched
+forward (tree attention mask), the greedy acceptance rule keeps the longest matching path plus the
+target's own next token, and the target's cache keeps exactly that path. Output is token-identical
+to ``decode_ar``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+
+import torch
+
+from specasr_vllm.config import MAX_TARGET_POSITIONS
+from specasr_vllm.models.registry import ASRModel
+from specasr_vllm.models.rules import WhisperRules
+from specasr_vllm.spec.acceptance import accept_greedy
+from specasr_vllm.spec.drafter import Drafter
+
+
+@torch.no_grad()
+def decode_speculative(
+    asr: ASRModel, rules: WhisperRules, drafter: Drafter, audio_features: torch.Tensor,
+    prefixes: list[list[int]], keys: list[Hashable], max_positions: int = MAX_TARGET_POSITIONS,
+) -> list[list[int]]:
+    model = asr.model
+    cache = model.new_cache(audio_features)
+    limit = [max_positions - len(p) for p in prefixes]  # tokens each row may emit
+    first = rules.greedy(model.decode(torch.tensor(prefixes), cache)[:, -1], True).tolist()
+    outputs = [[t] if t != rules.eot else [] for t in first]
+    last = first  # each row's newest token: emitted, not yet in the target's cache
+    active = [i for i, t in enumerate(first) if t != rules.eot and limit[i] > 1]
+    cache = cache.select(active)
+    while active:
+        trees = drafter.propose({keys[i]: outputs[i] for i in active},
+                                {keys[i]: limit[i] - len(outputs[i]) - 1 for i in active})
+        inputs = [trees[keys[i]].verification_inputs(last[i]) for i in active]
+        n = max(len(toks) for toks, _, _ in inputs)
+        tokens = torch.full((len(active), n), rules.eot, dtype=torch.long)
+        mask = torch.eye(n, dtype=torch.bool).repeat(len(active), 1, 1)  # padding sees only itself
+        depths = torch.zeros(len(active), n, dtype=torch.long)
+        for row, (toks, m, d) in enumerate(inputs):
+            tokens[row, : len(toks)] = torch.tensor(toks)
+            mask[row, : len(toks), : len(toks)] = m
+            depths[row, : len(d)] = torch.tensor(d)
+        starts = cache.lengths.clone()
+        t0 = time.perf_counter()
+        choices = rules.greedy(model.decode(tokens, cache, mask, depths)).tolist()
+        drafter.costs.observe(verify=time.perf_counter() - t0)
+        still = []
+        for row, i in enumerate(active):
+            tree = trees[keys[i]]
+            acc = accept_greedy(tree, choices[row], rules.eot)
+            drafter.observe(keys[i], tree, acc)
+            stats = drafter.stats(keys[i])
+            stats.target_passes += 1
+            cache.keep(row, int(starts[row]), [0] + [node + 1 for node in acc.nodes])
+            new = acc.tokens(tree)[: limit[i] - len(outputs[i])]
+            outputs[i] += [t for t in new if t != rules.eot]
+            last[i] = new[-1]
+            if rules.eot not in new and len(outputs[i]) < limit[i]:
+                still.append(row)
+        if len(still) < len(active):
+            drafter.release([keys[active[row]] for row in range(len(active)) if row not in still])
+            cache = cache.select(still)
+            active = [active[row] for row in still]
+    for i, out in enumerate(outputs):
+        drafter.stats(keys[i]).output_tokens += len(out)
+    return outputs

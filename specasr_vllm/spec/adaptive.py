@@ -1,0 +1,80 @@
+"""When to stop drafting: a fixed length (plain speculative decoding) or adaptively on confidence.
+
+``ConfidencePolicy`` keeps drafting while the draft's top-1 probability and the path's cumulative
+probability stay above thresholds. With ``auto=True`` the decision is instead made online to
+maximise expected tokens per second: the draft's probabilities are calibrated against the
+acceptance actually observed (per probability bucket), and the measured costs of a draft step and a
+verification pass price one more token against what it is expected to add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BUCKETS = 10
+
+
+@dataclass
+class Costs:
+    """Measured seconds of a draft step and of a target verification pass (moving averages)."""
+
+    draft_step: float = 0.01
+    verify: float = 0.05
+
+    def observe(self, draft_step: float | None = None, verify: float | None = None) -> None:
+        if draft_step is not None:
+            self.draft_step = 0.9 * self.draft_step + 0.1 * draft_step
+        if verify is not None:
+            self.verify = 0.9 * self.verify + 0.1 * verify
+
+
+class FixedLength:
+    def __init__(self, k: int):
+        self.k = k
+
+    def keep_going(self, depth: int, prob: float, path_prob: float, expected: float) -> bool:
+        return depth < self.k
+
+    def observe(self, probs: list[float], accepted: int) -> None:
+        pass
+
+
+@dataclass
+class ConfidencePolicy:
+    threshold: float = 0.4
+    min_path: float = 0.05
+    cap: int = 24
+    auto: bool = True
+    # calibration: hits / tries per draft-probability bucket, with a prior equal to the bucket's probability
+    hits: np.ndarray = field(default_factory=lambda: (np.arange(BUCKETS) + 0.5) / BUCKETS * 4)
+    tries: np.ndarray = field(default_factory=lambda: np.full(BUCKETS, 4.0))
+    costs: Costs = field(default_factory=Costs)
+
+    def acceptance(self, prob: float) -> float:
+        b = min(int(prob * BUCKETS), BUCKETS - 1)
+        return float(self.hits[b] / self.tries[b])
+
+    def keep_going(self, depth: int, prob: float, path_prob: float, expected: float) -> bool:
+        """May token number ``depth + 1`` (draft probability ``prob``) join the draft?
+
+        ``expected`` is the expected number of accepted tokens so far and ``path_prob`` the calibrated
+        chance that all of them are accepted (auto mode), or the draft's cumulative probability.
+        """
+        if depth >= self.cap:
+            return False
+        if not self.auto:
+            return prob >= self.threshold and path_prob * prob >= self.min_path
+        gain = path_prob * self.acceptance(prob)
+        c = self.costs
+        before = (1 + expected) / (c.verify + depth * c.draft_step)
+        after = (1 + expected + gain) / (c.verify + (depth + 1) * c.draft_step)
+        return after >= before
+
+    def observe(self, probs: list[float], accepted: int) -> None:
+        """A chain's draft probabilities and how many leading tokens the target accepted."""
+        for i, p in enumerate(probs[: accepted + 1]):  # nodes after the first rejection were never judged
+            b = min(int(p * BUCKETS), BUCKETS - 1)
+            self.tries[b] += 1
+            self.hits[b] += i < accepted

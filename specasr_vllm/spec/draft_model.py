@@ -1,0 +1,53 @@
+"""The draft model, made cheap. The target decides every token, so anything that makes the draft
+faster keeps the output exact and only changes how often drafts are accepted:
+
+- the output layer covers only the first ``draft_vocab`` ids plus end-of-text (byte-level BPE ids
+  are ordered by merge frequency, so the first 16k cover nearly all running text), which removes most
+  of the 51k-way projection that dominates a small decoder's step;
+- dynamic int8 quantisation of the decoder's linear layers (and that output layer) on CPU;
+- the encoder may run on the unpadded audio (see ``encode``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from specasr_vllm.config import SpecConfig
+from specasr_vllm.models.kv_cache import DecoderCache
+from specasr_vllm.models.registry import ASRModel
+from specasr_vllm.models.whisper import Whisper
+
+
+class DraftModel:
+    def __init__(self, asr: ASRModel, config: SpecConfig):
+        self.asr = asr
+        self.model = asr.model
+        tok = asr.tokenizer
+        vocab = self.model.dims.vocab_size
+        keep = torch.arange(min(config.draft_vocab or vocab, tok.eot))
+        self.ids = torch.cat([keep, torch.tensor([tok.eot])])  # output index -> token id
+        weight = self.model.decoder.embed_tokens.weight
+        self.head = nn.Linear(weight.shape[1], len(self.ids), bias=False).to(weight.device, weight.dtype)
+        with torch.no_grad():
+            self.head.weight.copy_(weight[self.ids])
+        if config.draft_int8 and weight.device.type == "cpu":
+            quantize = torch.ao.quantization.quantize_dynamic
+            self.model = Whisper(self.model.dims, encoder=self.model.encoder,
+                                 decoder=quantize(self.model.decoder, {nn.Linear}, dtype=torch.qint8))
+            self.head = quantize(nn.Sequential(self.head), {nn.Linear}, dtype=torch.qint8)
+        suppressed = set(asr.suppress_tokens)
+        self.suppress = torch.tensor([int(i) in suppressed for i in self.ids])
+        begin = suppressed | set(asr.begin_suppress_tokens)
+        self.begin_suppress = torch.tensor([int(i) in begin for i in self.ids])
+
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(mel)
+
+    def new_cache(self, features: torch.Tensor) -> DecoderCache:
+        return self.model.new_cache(features)
+
+    def decode(self, tokens: torch.Tensor, cache: DecoderCache, tree_mask=None, depths=None) -> torch.Tensor:
+        """Log-probabilities over the draft's output ids, Whisper's suppression applied (not begin rules)."""
+        logits = self.model.decode(tokens, cache, tree_mask, depths, head=self.head)
+        return torch.log_softmax(logits.float().masked_fill(self.suppress, float("-inf")), dim=-1)

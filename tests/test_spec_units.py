@@ -1,0 +1,183 @@
+"""SpecASR's pieces on hand-made token arrays (vLLM spec-decode test style)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specasr_vllm.models.tokenizer import WhisperTokenizer
+from specasr_vllm.spec.acceptance import accept_greedy
+from specasr_vllm.spec.adaptive import ConfidencePolicy, FixedLength
+from specasr_vllm.spec.bridge import IdentityBridge, TextBridge, make_bridge
+from specasr_vllm.spec.recycling import common_prefix, recycle_candidates
+from specasr_vllm.spec.tree import ROOT, DraftTree
+
+EOT = 99
+
+
+def test_chain_is_a_tree_with_one_child_per_node():
+    tree = DraftTree.chain([5, 6, 7], [0.9, 0.8, 0.7])
+    assert tree.parents == [ROOT, 0, 1]
+    assert [tree.depth(i) for i in range(3)] == [1, 2, 3]
+    toks, mask, depths = tree.verification_inputs(4)
+    assert toks == [4, 5, 6, 7] and depths == [0, 1, 2, 3]
+    assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_tree_mask_and_trie_merge():
+    tree = DraftTree.chain([5, 6, 7])
+    path = tree.add_path(ROOT, [5, 8, 9])  # shares node 5, branches at depth 2
+    assert path == [0, 3, 4] and len(tree) == 5
+    toks, mask, depths = tree.verification_inputs(1)
+    assert toks == [1, 5, 6, 7, 8, 9] and depths == [0, 1, 2, 3, 2, 3]
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # 8 sees root, 5, itself; not 6 or 7
+        [1, 1, 0, 0, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize(
+    "choices,nodes,bonus",
+    [
+        ([5, 6, 7, 3], [0, 1, 2], 3),  # all accepted, bonus from the last node
+        ([5, 6, 2, 3], [0, 1], 2),  # rejected at depth 3
+        ([4, 0, 0, 0], [], 4),  # first token wrong: the target's token alone
+        ([5, 6, EOT, 0], [0, 1], EOT),  # end of text ends the walk
+    ],
+)
+def test_accept_chain(choices, nodes, bonus):
+    acc = accept_greedy(DraftTree.chain([5, 6, 7]), choices, EOT)
+    assert (acc.nodes, acc.bonus) == (nodes, bonus)
+
+
+def test_accept_follows_the_branch_the_target_picks():
+    tree = DraftTree.chain([5, 6, 7])
+    tree.add_path(ROOT, [5, 8, 9])  # nodes 3 (8), 4 (9)
+    # inputs: root, 5, 6, 7, 8, 9; the target says 5 after root, 8 after 5, 9 after 8, 11 after 9
+    acc = accept_greedy(tree, [5, 8, 0, 0, 9, 11], EOT)
+    assert acc.nodes == [0, 3, 4] and acc.bonus == 11
+    assert acc.tokens(tree) == [5, 8, 9, 11]
+
+
+def test_accept_empty_tree_is_an_ar_step():
+    acc = accept_greedy(DraftTree(), [42], EOT)
+    assert acc.nodes == [] and acc.bonus == 42
+
+
+@pytest.mark.parametrize(
+    "matched,expected",
+    [
+        (0, [[11, 12, 13], [10, 11, 12, 13], [12, 13]]),  # slip in token 0 (" a")
+        (3, [[12, 13], [11, 12, 13], [13]]),  # bytes 0-2 agree: slip inside token 1
+        (4, [[12, 13], [11, 12, 13], [13]]),  # still inside token 1
+        (5, [[13], [12, 13]]),  # token 2 replaced
+        (9, []),  # everything matched: nothing to recycle
+    ],
+)
+def test_recycle_candidates(matched, expected):
+    tokens, pieces = [10, 11, 12, 13], [b" a", b" bc", b" d", b" e"]  # byte ends 2, 5, 7, 9
+    assert recycle_candidates(tokens, pieces, matched, max_len=8) == expected
+
+
+def test_recycle_candidates_respect_max_len():
+    assert recycle_candidates([1, 2, 3, 4, 5], [b"x"] * 5, 0, max_len=2) == [[2, 3], [1, 2], [3, 4]]
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix(b"abc", b"abc") == 3
+
+
+def test_fixed_length_policy():
+    p = FixedLength(3)
+    assert [p.keep_going(d, 0.01, 1.0, 0.0) for d in range(5)] == [True, True, True, False, False]
+
+
+def test_threshold_policy():
+    p = ConfidencePolicy(threshold=0.5, min_path=0.1, cap=4, auto=False)
+    assert p.keep_going(0, 0.9, 1.0, 0) and not p.keep_going(0, 0.4, 1.0, 0)
+    assert not p.keep_going(1, 0.9, 0.1, 0)  # the path's probability would fall below 0.1
+    assert not p.keep_going(4, 0.99, 1.0, 0)  # cap
+
+
+def test_auto_policy_learns_from_acceptance_and_costs():
+    p = ConfidencePolicy(auto=True, cap=32)
+    for _ in range(200):  # confident drafts always accepted, unconfident ones never
+        p.observe([0.95, 0.95, 0.3], 2)
+    assert p.acceptance(0.95) > 0.9 and p.acceptance(0.3) < 0.1
+    p.costs.draft_step, p.costs.verify = 0.005, 0.06
+    assert p.keep_going(5, 0.95, 0.9, 4.0)
+    assert not p.keep_going(5, 0.3, 0.9, 4.0)
+    for _ in range(100):  # drafting becomes expensive: stop earlier
+        p.costs.observe(draft_step=0.2)
+    assert not p.keep_going(5, 0.95, 0.9, 4.0)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(base_dir, tiny_en_dir):
+    return WhisperTokenizer.from_dir(base_dir, 51865), WhisperTokenizer.from_dir(tiny_en_dir, 51864)
+
+
+def test_make_bridge(tokenizers):
+    multi, english = tokenizers
+    assert isinstance(make_bridge(multi, multi), IdentityBridge)
+    assert isinstance(make_bridge(multi, english), TextBridge)
+
+
+def test_text_bridge_context(tokenizers):
+    multi, english = tokenizers
+    bridge = TextBridge(multi, english)
+    ids = multi.encode(" He hoped there would be stew")
+    assert english.decode(bridge.to_draft(ids)) == " He hoped there would be stew"
+    assert bridge.to_draft(ids + [multi.eot]) == bridge.to_draft(ids)
+    # a target token may end inside a character: the draft waits until the character is complete
+    ids = multi.encode(" 鬱 and 𝄞 music")
+    prefixes = [b"".join(multi.token_bytes[t] for t in ids[:n]) for n in range(len(ids) + 1)]
+    assert any(not _valid(p) for p in prefixes)  # this text does split a character
+    for n, data in enumerate(prefixes):
+        out = bridge.to_draft(ids[:n])
+        assert (out is None) == (not _valid(data))
+        if out is not None:
+            assert b"".join(english.token_bytes[t] for t in out) == data
+
+
+def _valid(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_text_bridge_proposals_cut_unfinished_words(tokenizers):
+    multi, english = tokenizers
+    bridge = TextBridge(multi, english)
+    draft = english.encode(" for dinner turnips")
+    probs = [0.9] * len(draft)
+    nxt_word = english.encode(" and")[0]
+    nxt_piece = english.encode("ips")[0]
+    done = bridge.to_target(draft, probs, nxt_word)  # the next token starts a word: all words complete
+    assert multi.decode(done.tokens) == " for dinner turnips" and done.draft_used == len(draft)
+    cut = bridge.to_target(draft, probs, nxt_piece)  # "turnips..." may continue: drop it
+    assert multi.decode(cut.tokens) == " for dinner"
+    assert cut.draft_used == len(english.encode(" for dinner"))
+    ended = bridge.to_target(draft + [english.eot], probs + [0.8], None)
+    assert ended.tokens[-1] == multi.eot and multi.decode(ended.tokens) == " for dinner turnips"
+
+
+def test_text_bridge_probabilities_take_the_weakest_overlap(tokenizers):
+    multi, english = tokenizers
+    bridge = TextBridge(multi, english)
+    draft = english.encode(" stew for")
+    mapped = bridge.to_target(draft, [0.9, 0.3], english.encode(" dinner")[0])
+    assert mapped.tokens == multi.encode(" stew for") and mapped.probs == [0.9, 0.3]
+
+
+def test_identity_bridge_is_free():
+    bridge = IdentityBridge(EOT)
+    assert bridge.to_draft([1, 2]) == [1, 2]
+    assert bridge.to_target([3, 4], [0.5, 0.6], None).tokens == [3, 4]
