@@ -60,6 +60,8 @@ class SpecConfig:
     tree_branches: int = 2  # low-confidence chain positions that get an alternative
     tree_threshold: float = 0.8  # only positions whose draft probability is below this branch
     tree_depth: int = 2  # tokens per alternative branch (the alternative plus a greedy continuation)
+    concurrent_draft: bool = False  # draft ahead on a second thread while the target verifies (measured slower here)
+    min_chain: int = 2  # with concurrent drafting: sequential draft steps only top a chain up to this
     draft_unpadded: bool = True  # the draft's encoder sees the audio, not the padded 30 s window
     draft_int8: bool = True  # dynamic int8 quantisation of the draft's linear layers (CPU)
     draft_vocab: int | None = 16384  # the draft's output layer covers only the first N ids (BPE's most frequent)

@@ -9,8 +9,10 @@ to ``decode_ar``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -25,7 +27,9 @@ from specasr_vllm.spec.drafter import Drafter
 def decode_speculative(
     asr: ASRModel, rules: WhisperRules, drafter: Drafter, audio_features: torch.Tensor,
     prefixes: list[list[int]], keys: list[Hashable], max_positions: int = MAX_TARGET_POSITIONS,
+    pool: ThreadPoolExecutor | None = None,
 ) -> list[list[int]]:
+    """``pool`` (one worker) lets the drafter run ahead during each target pass, one core each."""
     model = asr.model
     cache = model.new_cache(audio_features)
     limit = [max_positions - len(p) for p in prefixes]  # tokens each row may emit
@@ -47,9 +51,14 @@ def decode_speculative(
             mask[row, : len(toks), : len(toks)] = m
             depths[row, : len(d)] = torch.tensor(d)
         starts = cache.lengths.clone()
+        stop = threading.Event()
+        ahead = pool.submit(drafter.run_ahead, stop) if pool is not None else None
         t0 = time.perf_counter()
         choices = rules.greedy(model.decode(tokens, cache, mask, depths)).tolist()
         drafter.costs.observe(verify=time.perf_counter() - t0)
+        if ahead is not None:
+            stop.set()
+            ahead.result()
         still = []
         for row, i in enumerate(active):
             tree = trees[keys[i]]

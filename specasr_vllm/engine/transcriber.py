@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from specasr_vllm.audio import log_mel_spectrogram, split_points
 from specasr_vllm.config import DEFAULT_DRAFT, HOP_LENGTH, METHODS, N_FRAMES, SAMPLE_RATE, EngineConfig
@@ -23,6 +25,17 @@ from specasr_vllm.spec.drafter import Drafter
 from specasr_vllm.spec.stats import SpecStats
 
 DRAFT_MARGIN_FRAMES = 100  # 1 s of context past the audio's end for the draft's unpadded encoder
+
+
+@contextmanager
+def _threads(n: int):
+    """Run a block with ``n`` torch threads in this thread, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -77,6 +90,9 @@ class Transcriber:
             self.draft = DraftModel(draft, spec)
             self.bridge = make_bridge(self.target.tokenizer, draft.tokenizer)
             self.costs = Costs()  # shared by every batch: calibration and costs carry over
+            # the draft runs ahead on a second thread; each thread then computes on one core
+            self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) \
+                if spec.concurrent_draft else None
             self.policy = (ConfidencePolicy(spec.threshold, cap=spec.max_draft, auto=spec.auto_threshold, costs=self.costs)
                            if spec.adaptive else FixedLength(spec.k))
 
@@ -115,7 +131,9 @@ class Transcriber:
                 drafter = self._start_drafter(clips, mels, [languages[w.audio_index] for w in batch], task)
                 timings["draft_encode"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                outputs = decode_speculative(self.target, self.rules, drafter, features, prefixes, list(range(len(batch))))
+                with _threads(1 if self.pool else torch.get_num_threads()):
+                    outputs = decode_speculative(self.target, self.rules, drafter, features, prefixes,
+                                                 list(range(len(batch))), pool=self.pool)
                 stats = [drafter.stats(i) for i in range(len(batch))]
             timings["decode"] = time.perf_counter() - t0
             for w, tokens, st in zip(batch, outputs, stats):

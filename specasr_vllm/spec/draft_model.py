@@ -10,6 +10,8 @@ faster keeps the output exact and only changes how often drafts are accepted:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -32,10 +34,12 @@ class DraftModel:
         with torch.no_grad():
             self.head.weight.copy_(weight[self.ids])
         if config.draft_int8 and weight.device.type == "cpu":
-            quantize = torch.ao.quantization.quantize_dynamic
-            self.model = Whisper(self.model.dims, encoder=self.model.encoder,
-                                 decoder=quantize(self.model.decoder, {nn.Linear}, dtype=torch.qint8))
-            self.head = quantize(nn.Sequential(self.head), {nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():  # torch.ao's eager quantisation is deprecated but works in 2.13
+                warnings.simplefilter("ignore")
+                quantize = torch.ao.quantization.quantize_dynamic
+                self.model = Whisper(self.model.dims, encoder=self.model.encoder,
+                                     decoder=quantize(self.model.decoder, {nn.Linear}, dtype=torch.qint8))
+                self.head = quantize(nn.Sequential(self.head), {nn.Linear}, dtype=torch.qint8)
         suppressed = set(asr.suppress_tokens)
         self.suppress = torch.tensor([int(i) in suppressed for i in self.ids])
         begin = suppressed | set(asr.begin_suppress_tokens)

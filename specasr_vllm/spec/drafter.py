@@ -15,6 +15,7 @@ Requests are keyed by any hashable id so the embedded engine and the vLLM propos
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from specasr_vllm.spec.stats import SpecStats
 from specasr_vllm.spec.tree import ROOT, DraftTree
 
 _MARGIN = 128  # draft positions kept free for one round's drafting (chain, candidates, branches)
-_RECYCLE_LEN = 16  # longest recycled remainder re-checked
+_RECYCLE_LEN = 12  # longest recycled remainder re-checked
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Drafter:
         self.requests: dict[Hashable, _Request] = {}
         self.keys: list[Hashable] = []  # cache row -> request
         self.cache: DecoderCache | None = None
+        self._rounds: list[_Round] = []  # the last proposal, which ``run_ahead`` extends
 
     # ---- request lifecycle -------------------------------------------------------------------
     def add(self, keys: list[Hashable], features: torch.Tensor, prefixes: list[list[int]], enabled: list[bool]) -> None:
@@ -113,7 +115,38 @@ class Drafter:
         branches = self._branch(rounds) if self.config.tree else {}
         for r in rounds:
             trees[r.key] = self._to_tree(r, branches.get(r.key, []))
+        self._rounds = rounds
         return trees
+
+    def run_ahead(self, stop: threading.Event) -> None:
+        """While the target verifies, keep drafting past each chain's end as if it will all be accepted.
+
+        Meant for a second thread on the core the target leaves idle. The continuation extends each
+        request's proposal: if the target accepts the chain and its bonus token is the draft's next
+        token, the next ``propose`` finds the continuation already in the cache and takes it in one
+        parallel re-check (recycling); otherwise recycling realigns it like any rejected draft.
+        """
+        rounds = [r for r in self._rounds if r.chain and r.chain[-1] != self.tokenizer.eot and r.key in self.keys]
+        for r in rounds:
+            r.row = self.keys.index(r.key)
+        steps = 0
+        while rounds and not stop.is_set() and steps < self.config.max_draft:
+            for r in rounds:
+                if r.next_logp is not None:  # else the chain's last token is still to be fed
+                    r.chain.append(self._top(r.next_logp)[0])
+            rounds = [r for r in rounds if r.chain[-1] != self.tokenizer.eot]
+            if not rounds:
+                break
+            logp = self._forward({r.row: ([r.chain[-1]], [-1], [0]) for r in rounds})
+            steps += 1
+            for r in rounds:
+                self.cache.keep(r.row, int(self.cache.lengths[r.row]), [0])
+                req = self.requests[r.key]
+                req.cached.append(r.chain[-1])
+                req.stats.draft_steps_hidden += 1
+                r.next_logp = logp[r.row, 0]
+        for r in self._rounds:
+            self.requests[r.key].proposal = [t for t in r.chain if t != self.tokenizer.eot]
 
     def _sync(self, key: Hashable, output: list[int], budget: int) -> _Round | None:
         req = self.requests[key]
@@ -135,7 +168,8 @@ class Drafter:
         if self.config.recycling and req.proposal:
             pieces = [self.tokenizer.token_bytes[t] for t in req.proposal]
             matched = common_prefix(b"".join(pieces), text[req.proposal_at :])
-            candidates = recycle_candidates(req.proposal, pieces, matched, min(_RECYCLE_LEN, self._cap(budget)))
+            candidates = recycle_candidates(req.proposal, pieces, matched, min(_RECYCLE_LEN, self._cap(budget)),
+                                            accepted=len(text) - req.proposal_at)
         return _Round(key, row, budget, full[keep:], first=not new, candidates=candidates, context=new,
                       context_bytes=len(text))
 
@@ -238,13 +272,18 @@ class Drafter:
         return self.policy.keep_going(depth, prob, path, expected)
 
     def _draft(self, rounds: list[_Round]) -> None:
-        """Greedy draft steps, batched, each request stopping on its own (adaptive or fixed length)."""
+        """Greedy draft steps, batched, each request stopping on its own (adaptive or fixed length).
+
+        When the draft runs ahead concurrently, a sequential step here costs as much as the tokens it
+        would add, so chains are only topped up to ``min_chain`` tokens.
+        """
+        concurrent = self.config.concurrent_draft
         active = [r for r in rounds if r.chain[-1:] != [self.tokenizer.eot]]
         while active:
             feeding = []
             for r in active:
                 tok, prob = self._top(r.next_logp)
-                if not self._keep_going(r, len(r.chain), prob, r.probs):
+                if not self._keep_going(r, len(r.chain), prob, r.probs) or (concurrent and len(r.chain) >= self.config.min_chain):
                     continue
                 r.alts.append(self._second(r.next_logp))
                 r.chain.append(tok)

@@ -20,18 +20,26 @@ def common_prefix(a: bytes | list[int], b: bytes | list[int]) -> int:
     return n
 
 
-def recycle_candidates(old_tokens: list[int], old_pieces: list[bytes], matched_bytes: int, max_len: int) -> list[list[int]]:
+def recycle_candidates(old_tokens: list[int], old_pieces: list[bytes], matched_bytes: int, max_len: int,
+                       accepted: int | None = None) -> list[list[int]]:
     """Remainders of ``old_tokens`` to re-check, in order of preference (substitution, insertion, deletion).
 
     ``old_pieces[i]`` are token ``i``'s bytes; the first ``matched_bytes`` of the proposal agree with
     the corrected context. The token holding the first disagreeing byte is the one the target replaced.
+    If the whole new context (``accepted`` bytes) matched and ends on a token boundary, there was no
+    slip: the proposal simply runs on, and its continuation is the only candidate.
     """
-    end, slip = 0, len(old_tokens)
+    end, slip, boundary = 0, len(old_tokens), matched_bytes == 0
     for i, piece in enumerate(old_pieces):
+        if end == matched_bytes:
+            boundary = True
         end += len(piece)
         if end > matched_bytes:
             slip = i
             break
+    if boundary and matched_bytes == accepted:
+        rest = old_tokens[slip : slip + max_len]
+        return [rest] if rest else []
     candidates = []
     for start in (slip + 1, slip, slip + 2):
         rest = old_tokens[start : start + max_len]

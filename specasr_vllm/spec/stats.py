@@ -12,6 +12,7 @@ class SpecStats:
     target_passes: int = 0  # target forwards after the prefill (each verifies one tree, or is an AR step)
     draft_steps: int = 0  # draft forwards on the critical path, each one sequential step
     draft_parallel_passes: int = 0  # of which fed several tokens at once (catch-up and recycling re-checks)
+    draft_steps_hidden: int = 0  # draft steps run concurrently with target passes (off the critical path)
     drafted_tokens: int = 0  # target-space tokens proposed (chain and tree)
     accepted_tokens: int = 0  # drafted tokens the target kept
     recycled_accepted: int = 0  # accepted tokens that came from recycling
@@ -20,7 +21,8 @@ class SpecStats:
     acceptance_lengths: Counter = field(default_factory=Counter)  # accepted drafted tokens per verifying pass
 
     def merge(self, other: "SpecStats") -> None:
-        for name in ("output_tokens", "target_passes", "draft_steps", "draft_parallel_passes", "drafted_tokens",
+        for name in ("output_tokens", "target_passes", "draft_steps", "draft_parallel_passes", "draft_steps_hidden",
+                     "drafted_tokens",
                      "accepted_tokens", "recycled_accepted", "tree_nodes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.acceptance_lengths.update(other.acceptance_lengths)
@@ -35,7 +37,8 @@ class SpecStats:
     def to_dict(self) -> dict:
         return {
             "output_tokens": self.output_tokens, "target_passes": self.target_passes, "draft_steps": self.draft_steps,
-            "draft_parallel_passes": self.draft_parallel_passes, "drafted_tokens": self.drafted_tokens,
+            "draft_parallel_passes": self.draft_parallel_passes, "draft_steps_hidden": self.draft_steps_hidden,
+            "drafted_tokens": self.drafted_tokens,
             "accepted_tokens": self.accepted_tokens, "recycled_accepted": self.recycled_accepted,
             "tree_nodes": self.tree_nodes, "fallback": self.fallback, "mean_acceptance": round(self.mean_acceptance, 3),
             "acceptance_lengths": dict(sorted(self.acceptance_lengths.items())),
