@@ -60,7 +60,7 @@ def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, se
     return reference, out, [drafter.stats(i) for i in range(batch)]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     vocab=st.sampled_from(["same", "other"]),
     adaptive=st.booleans(), recycling=st.booleans(), tree=st.booleans(), auto=st.booleans(),
@@ -95,4 +95,6 @@ def test_fallback_to_ar_when_acceptance_collapses(pair_models):
     target, draft = pair_models["other"]  # random weights on both sides: almost nothing accepted
     reference, out, stats = run_both(target, draft, SpecConfig(fallback_after=2), 2, 3)
     assert out == reference
-    assert all(s.fallback and s.fallback.startswith("low acceptance") for s in stats if s.target_passes > 3)
+    english, german = stats  # rows run with languages en, de
+    assert english.fallback.startswith("low acceptance") and english.target_passes > 2
+    assert german.fallback == "draft does not serve this language" and german.drafted_tokens == 0

@@ -1,0 +1,112 @@
+"""The methods a benchmark run compares: ours (embedded engine) and peers (transformers, faster-whisper).
+
+Each method transcribes one 16 kHz array at a time and reports its tokens and timings, so every
+method sees the same files in the same process under the same thread count.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specasr_vllm.audio import log_mel_spectrogram
+from specasr_vllm.config import EngineConfig, SpecConfig, cache_dir
+from specasr_vllm.engine import Transcriber
+from specasr_vllm.models import registry
+from specasr_vllm.models.registry import ASRModel
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    text: str
+    total_s: float
+    encode_s: float | None = None
+    decode_s: float | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class Ours:
+    """The embedded engine with one method preset and SpecConfig switches."""
+
+    kind = "ours"
+
+    def __init__(self, name: str, method: str, target: ASRModel, draft: ASRModel | None, **spec):
+        self.name, self.lossless = name, True
+        config = EngineConfig(method=method, batch_size=1, spec=SpecConfig.for_method(method, **spec))
+        self.transcriber = Transcriber(config, target=target, draft=draft if method != "ar" else None)
+
+    def run(self, audio: np.ndarray, language: str) -> Run:
+        t0 = time.perf_counter()
+        out = self.transcriber.transcribe([audio], language=language)[0]
+        total = time.perf_counter() - t0
+        timing = out.timings
+        return Run(out.tokens, out.text, total, timing["encode"] + timing.get("draft_encode", 0.0), timing["decode"],
+                   out.stats.to_dict())
+
+
+class TransformersGreedy:
+    """transformers' ``generate`` (greedy) on the same converted weights: the reference implementation."""
+
+    kind, lossless = "peer", False
+
+    def __init__(self, name: str, target: ASRModel):
+        from transformers import WhisperForConditionalGeneration
+
+        self.name = name
+        self.model = WhisperForConditionalGeneration.from_pretrained(registry.resolve_model(target.name),
+                                                                     dtype=torch.float32).eval()
+        self.eot, self.tokenizer = target.tokenizer.eot, target.tokenizer
+
+    @torch.no_grad()
+    def run(self, audio: np.ndarray, language: str) -> Run:
+        t0 = time.perf_counter()
+        mel = log_mel_spectrogram(audio)[None]
+        encoder_outputs = self.model.model.encoder(mel)
+        t1 = time.perf_counter()
+        out = self.model.generate(encoder_outputs=encoder_outputs, language=language, task="transcribe")[0].tolist()
+        t2 = time.perf_counter()
+        tokens = [t for t in out if t != self.eot]
+        return Run(tokens, self.tokenizer.decode(tokens).strip(), t2 - t0, t1 - t0, t2 - t1)
+
+
+def _ct2_dir(target: ASRModel) -> Path:
+    """faster-whisper wants one model.bin: join the shipped parts once into the cache."""
+    source = registry.BUILTIN_MODELS[target.name]()
+    out = cache_dir() / "ct2" / target.name
+    if not (out / "model.bin").is_file():
+        tmp = out.with_suffix(".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with open(tmp / "model.bin", "wb") as f:
+            for part in source.parts:
+                f.write(part.read_bytes())
+        for name in ("config.json", "tokenizer.json", "vocabulary.json", "vocabulary.txt"):
+            if (source.config.parent / name).is_file():
+                shutil.copy(source.config.parent / name, tmp / name)
+        tmp.rename(out)
+    return out
+
+
+class FasterWhisper:
+    """faster-whisper greedy (beam 1, no timestamps, no previous-text conditioning): what a CPU user picks."""
+
+    kind, lossless = "peer", False
+
+    def __init__(self, name: str, target: ASRModel, compute_type: str, threads: int):
+        from faster_whisper import WhisperModel
+
+        self.name = name
+        self.model = WhisperModel(str(_ct2_dir(target)), device="cpu", compute_type=compute_type, cpu_threads=threads)
+
+    def run(self, audio: np.ndarray, language: str) -> Run:
+        t0 = time.perf_counter()
+        segments, _ = self.model.transcribe(audio, language=language, beam_size=1, temperature=0.0,
+                                            without_timestamps=True, condition_on_previous_text=False, vad_filter=False)
+        segments = list(segments)
+        return Run([t for s in segments for t in s.tokens], " ".join(s.text.strip() for s in segments),
+                   time.perf_counter() - t0)

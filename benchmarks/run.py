@@ -1,0 +1,273 @@
+"""One command that measures every method and every peer side by side, with the identical-output check.
+
+    python -m benchmarks.run                 # full run over the dev set's English files up to 30 s
+    python -m benchmarks.run --quick         # 3 files, 1 repetition: proves the harness works
+
+Fairness: one process, the same files for every method, a warm-up per method, repetitions
+interleaved (file by file, methods in rotating order), medians per file, the torch thread count
+fixed and recorded with the machine's facts. Output: ``benchmarks/results/<run>.json``, ``.md`` and
+PNG plots. Lossless methods must equal ``ar`` token for token on every file; any that does not is
+printed as a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from benchmarks.methods import FasterWhisper, Ours, TransformersGreedy
+from specasr_vllm.audio import decode_audio
+from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, default_manifest
+from specasr_vllm.evaluation import read_manifest, total, word_errors
+from specasr_vllm.models.registry import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPEC_VARIANTS = {  # name -> (method, SpecConfig switches): the paper's baseline and SpecASR's ablations
+    "sd": ("sd", {}),
+    "specasr-adaptive": ("specasr", {"recycling": False, "tree": False}),
+    "specasr-adaptive+recycling": ("specasr", {"tree": False}),
+    "specasr": ("specasr", {}),
+    "specasr-concurrent": ("specasr", {"concurrent_draft": True}),
+}
+ALL = ["ar", *SPEC_VARIANTS, "transformers", "faster-whisper-int8", "faster-whisper-fp32"]
+QUICK = ["ar", "sd", "specasr", "transformers", "faster-whisper-int8"]
+
+
+def build_methods(names: list[str], model: str, draft: str, threads: int) -> tuple[list, dict[str, str]]:
+    target = load_model(model)
+    draft_model = load_model(draft)
+    methods, skipped = [], {}
+    for name in names:
+        if name == "ar":
+            methods.append(Ours("ar", "ar", target, None))
+        elif name in SPEC_VARIANTS:
+            method, switches = SPEC_VARIANTS[name]
+            methods.append(Ours(name, method, target, draft_model, **switches))
+        elif name == "transformers":
+            methods.append(TransformersGreedy(name, target))
+        elif name.startswith("faster-whisper-"):
+            try:
+                methods.append(FasterWhisper(name, target, {"int8": "int8", "fp32": "float32"}[name.rsplit("-", 1)[1]], threads))
+            except ImportError:
+                skipped[name] = "faster-whisper is not installed (pip install 'specasr-vllm[bench]')"
+        else:
+            raise SystemExit(f"unknown method {name!r}; choose from {', '.join(ALL)}")
+    if target.tokenizer.tokenizer.to_str() != draft_model.tokenizer.tokenizer.to_str():
+        skipped["transformers-assisted"] = (f"{draft} and {model} do not share a tokenizer; transformers' assisted "
+                                            "generation needs one")
+    return methods, skipped
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def measure(methods: list, entries: list, audio: dict, reps: int) -> dict[str, dict[str, list]]:
+    """``runs[method][file]``: one Run per repetition, interleaved across methods and files."""
+    runs = {m.name: {e.id: [] for e in entries} for m in methods}
+    for m in methods:  # warm-up: first calls pay for allocation and lazy initialisation
+        m.run(audio[entries[0].id], entries[0].language)
+    order = list(methods)
+    for rep in range(reps):
+        for i, e in enumerate(entries):
+            for m in order:
+                runs[m.name][e.id].append(m.run(audio[e.id], e.language))
+            order = order[1:] + order[:1]
+            print(f"\rrep {rep + 1}/{reps} file {i + 1}/{len(entries)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return runs
+
+
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(methods: list, entries: list, runs: dict) -> dict[str, dict]:
+    ar = {e.id: runs["ar"][e.id][0].tokens for e in entries} if "ar" in runs else None
+    summary = {}
+    for m in methods:
+        per_file, stats, hist, wers = [], Counter(), Counter(), []
+        for e in entries:
+            reps = runs[m.name][e.id]
+            first = reps[0]
+            per_file.append({
+                "id": e.id, "duration": e.duration, "tokens": len(first.tokens),
+                "total_s": _median([r.total_s for r in reps]), "encode_s": _median([r.encode_s for r in reps]),
+                "decode_s": _median([r.decode_s for r in reps]),
+                "identical_to_ar": None if ar is None else first.tokens == ar[e.id],
+            })
+            wers.append(word_errors(e.text, first.text, e.language))
+            for k in ("output_tokens", "target_passes", "draft_steps", "draft_steps_hidden", "accepted_tokens",
+                      "drafted_tokens", "recycled_accepted", "tree_nodes"):
+                stats[k] += first.stats.get(k, 0)
+            hist.update({int(k): v for k, v in first.stats.get("acceptance_lengths", {}).items()})
+        s = {"kind": m.kind, "lossless": m.lossless, "files": per_file}
+        tokens = sum(f["tokens"] for f in per_file)
+        audio_s = sum(f["duration"] for f in per_file)
+        s["total_s"] = sum(f["total_s"] for f in per_file)
+        s["encode_s"] = sum(f["encode_s"] for f in per_file) if per_file[0]["encode_s"] is not None else None
+        s["decode_s"] = sum(f["decode_s"] for f in per_file) if per_file[0]["decode_s"] is not None else None
+        s["rtf"] = s["total_s"] / audio_s
+        s["tokens"] = tokens
+        s["tokens_per_s"] = tokens / s["decode_s"] if s["decode_s"] else None
+        s["wer"] = total(wers).rate
+        s["identical_share"] = None if ar is None else sum(f["identical_to_ar"] for f in per_file) / len(per_file)
+        if stats["target_passes"]:
+            out = stats["output_tokens"]
+            s["target_passes_per_token"] = stats["target_passes"] / out
+            s["draft_steps_per_token"] = stats["draft_steps"] / out
+            s["hidden_draft_steps_per_token"] = stats["draft_steps_hidden"] / out
+            passes = sum(hist.values())
+            s["mean_acceptance"] = (stats["accepted_tokens"] + passes) / passes if passes else None
+            s["recycled_accepted"] = stats["recycled_accepted"]
+            s["acceptance_lengths"] = dict(sorted(hist.items()))
+        summary[m.name] = s
+    for base in ("ar", "sd"):
+        if base in summary:
+            for s in summary.values():
+                for phase in ("decode_s", "total_s"):
+                    if s[phase] and summary[base][phase]:
+                        s[f"{phase[:-2]}_speedup_vs_{base}"] = summary[base][phase] / s[phase]
+    return summary
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(summary: dict, skipped: dict[str, str], info: dict) -> str:
+    cols = ["method", "identical to ar", "WER", "encode s", "decode s", "e2e s", "RTF", "tok/s", "passes/tok",
+            "draft steps/tok", "mean accept", "decode x ar", "e2e x ar", "decode x sd"]
+    lines = [f"Run {info['run']}: {info['files']} files, {info['audio_s']:.0f} s of audio, {info['reps']} rep(s), "
+             f"{info['machine']['torch_threads']} torch threads, {info['machine']['cpu']} ({info['machine']['cores']} cores), "
+             f"target {info['model']}, draft {info['draft']}", "", "| " + " | ".join(cols) + " |",
+             "|" + "---|" * len(cols)]
+    for name, s in summary.items():
+        share = s["identical_share"]
+        ident = "-" if share is None else f"{100 * share:.0f}%" + (" FAIL" if s["lossless"] and share < 1 else "")
+        lines.append("| " + " | ".join([
+            name, ident, f"{100 * s['wer']:.2f}%", _fmt(s["encode_s"], ".1f"), _fmt(s["decode_s"], ".1f"),
+            f"{s['total_s']:.1f}", f"{s['rtf']:.3f}", _fmt(s["tokens_per_s"], ".1f"),
+            _fmt(s.get("target_passes_per_token"), ".3f"), _fmt(s.get("draft_steps_per_token"), ".3f"),
+            _fmt(s.get("mean_acceptance"), ".2f"), _fmt(s.get("decode_speedup_vs_ar"), ".2f"),
+            _fmt(s.get("total_speedup_vs_ar"), ".2f"), _fmt(s.get("decode_speedup_vs_sd"), ".2f"),
+        ]) + " |")
+    for name, why in skipped.items():
+        lines.append(f"\nnot run: {name}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict, stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    names = [n for n, s in summary.items() if s.get("total_speedup_vs_ar")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [summary[n].get("decode_speedup_vs_ar") or 0 for n in names], 0.4, label="decode phase")
+    ax.bar([i + 0.2 for i in x], [summary[n]["total_speedup_vs_ar"] for n in names], 0.4, label="end to end")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylabel("speedup vs ar")
+    ax.legend()
+    fig.tight_layout()
+    out.append(stem.with_name(stem.name + "-speedup.png"))
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, s in summary.items():
+        hist = s.get("acceptance_lengths")
+        if hist:
+            passes = sum(hist.values())
+            ax.plot(list(hist), [v / passes for v in hist.values()], marker="o", label=n)
+    ax.set_xlabel("draft tokens accepted per target pass")
+    ax.set_ylabel("share of passes")
+    ax.legend()
+    fig.tight_layout()
+    out.append(stem.with_name(stem.name + "-acceptance.png"))
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, s in summary.items():
+        lat = sorted(f["total_s"] for f in s["files"])
+        ax.step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post", label=n)
+    ax.set_xlabel("end-to-end latency per file (s)")
+    ax.set_ylabel("share of files")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.append(stem.with_name(stem.name + "-latency-cdf.png"))
+    fig.savefig(out[-1], dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--manifest", default=str(default_manifest()))
+    p.add_argument("--language", default="en", help="only files of this language (default: en)")
+    p.add_argument("--max-duration", type=float, default=30.0, help="only files at most this long (s)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N files")
+    p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(ALL)}")
+    p.add_argument("--reps", type=int, default=1, help="interleaved repetitions per file (medians are reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, fixed for the whole run")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--quick", action="store_true", help="3 files, 1 repetition, a few methods (for CI)")
+    p.add_argument("--out", default=str(RESULTS), help="directory for the results")
+    p.add_argument("--name", default=None, help="run name (default: a timestamp)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    names = args.methods.split(",") if args.methods else (QUICK if args.quick else ALL)
+    entries = read_manifest(Path(args.manifest), language=args.language, max_duration=args.max_duration)
+    entries = entries[: 3 if args.quick else args.limit]
+    if not entries:
+        raise SystemExit("no files match the filters")
+    audio = {e.id: decode_audio(e.audio) for e in entries}
+    methods, skipped = build_methods(names, args.model, args.draft, args.threads)
+    started = time.time()
+    runs = measure(methods, entries, audio, 1 if args.quick else args.reps)
+    summary = summarise(methods, entries, runs)
+    run = args.name or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    info = {"run": run, "files": len(entries), "audio_s": sum(e.duration for e in entries), "reps": args.reps,
+            "model": args.model, "draft": args.draft, "manifest": args.manifest, "language": args.language,
+            "max_duration": args.max_duration, "machine": machine(), "wall_s": time.time() - started}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / run
+    table = markdown(summary, skipped, info)
+    stem.with_suffix(".json").write_text(json.dumps({"info": info, "skipped": skipped, "methods": summary}, indent=1))
+    stem.with_suffix(".md").write_text(table)
+    pngs = plots(summary, stem)
+    print(table)
+    print("wrote", stem.with_suffix(".json"), stem.with_suffix(".md"), *pngs)
+    failures = [n for n, s in summary.items() if s["lossless"] and s["identical_share"] is not None and s["identical_share"] < 1]
+    if failures:
+        print(f"FAILURE: lossless methods differ from ar: {', '.join(failures)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
