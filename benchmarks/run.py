@@ -189,10 +189,7 @@ def plots(summary: dict, stem: Path) -> list[Path]:
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("speedup vs ar")
     ax.legend()
-    fig.tight_layout()
-    out.append(stem.with_name(stem.name + "-speedup.png"))
-    fig.savefig(out[-1], dpi=100)
-    plt.close(fig)
+    out.append(_save(plt, fig, stem, "speedup"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for n, s in summary.items():
@@ -203,10 +200,7 @@ def plots(summary: dict, stem: Path) -> list[Path]:
     ax.set_xlabel("draft tokens accepted per target pass")
     ax.set_ylabel("share of passes")
     ax.legend()
-    fig.tight_layout()
-    out.append(stem.with_name(stem.name + "-acceptance.png"))
-    fig.savefig(out[-1], dpi=100)
-    plt.close(fig)
+    out.append(_save(plt, fig, stem, "acceptance"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for n, s in summary.items():
@@ -215,11 +209,16 @@ def plots(summary: dict, stem: Path) -> list[Path]:
     ax.set_xlabel("end-to-end latency per file (s)")
     ax.set_ylabel("share of files")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out.append(stem.with_name(stem.name + "-latency-cdf.png"))
-    fig.savefig(out[-1], dpi=100)
-    plt.close(fig)
+    out.append(_save(plt, fig, stem, "latency-cdf"))
     return out
+
+
+def _save(plt, fig, stem: Path, what: str) -> Path:
+    path = stem.with_name(f"{stem.name}-{what}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from specasr_vllm.config import DEFAULT_MODEL, EngineConfig, default_manifest
+from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, METHODS, EngineConfig, SpecConfig, default_manifest
 from specasr_vllm.errors import SpecASRError
 
 
@@ -17,10 +19,23 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=EngineConfig.batch_size, help="30 s windows decoded together")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--method", default="ar", choices=METHODS,
+                   help="ar: greedy; sd: fixed-length speculative decoding; specasr: adaptive + recycling + tree")
+    p.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for sd/specasr (default: %(default)s)")
+    p.add_argument("--k", type=int, default=SpecConfig.k, help="draft length for sd")
+    p.add_argument("--no-adaptive", action="store_true", help="specasr ablation: fixed draft length k")
+    p.add_argument("--no-recycling", action="store_true", help="specasr ablation: no draft recycling")
+    p.add_argument("--no-tree", action="store_true", help="specasr ablation: chain only, no second-pass branches")
+    p.add_argument("--concurrent-draft", action="store_true", help="draft ahead on a second thread during verification")
 
 
-def _config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, batch_size=args.batch_size, threads=args.threads, device=args.device)
+def _config(args: argparse.Namespace, method: str | None = None) -> EngineConfig:
+    method = method or args.method
+    switches = {"k": args.k, "concurrent_draft": args.concurrent_draft}
+    if method == "specasr":
+        switches.update(adaptive=not args.no_adaptive, recycling=not args.no_recycling, tree=not args.no_tree)
+    return EngineConfig(model=args.model, draft=args.draft, method=method, batch_size=args.batch_size,
+                        threads=args.threads, device=args.device, spec=SpecConfig.for_method(method, **switches))
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -31,7 +46,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     transcriber = Transcriber(_config(args))
     if args.language:
         transcriber.target.tokenizer.language_code(args.language)  # fail before any work
-    failed = 0
+    baseline = Transcriber(_config(args, args.compare), target=transcriber.target) if args.compare else None
+    failed, timings = 0, {"method": [0.0, 0.0], "baseline": [0.0, 0.0]}
+    identical = 0
     size = args.batch_size
     with tqdm(total=len(args.files), unit="file", desc="transcribing", disable=args.quiet) as bar:
         for start in range(0, len(args.files), size):
@@ -44,10 +61,33 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                     tqdm.write(f"error: {exc}", file=sys.stderr)
                     failed += 1
                     bar.update(1)
-            for path, result in zip(group, transcriber.transcribe(audios, language=args.language, task=args.task)):
+            if baseline and start == 0 and audios:  # warm both up so neither pays first-call costs
+                for t in (transcriber, baseline):
+                    t.transcribe(audios[:1], language=args.language, task=args.task)
+            results = _timed(transcriber, audios, args, timings["method"])
+            reference = _timed(baseline, audios, args, timings["baseline"]) if baseline else results
+            for path, result, ref in zip(group, results, reference):
                 _emit(path, render(result, args.output_format), args, multiple=len(args.files) > 1)
+                if args.stats:
+                    tqdm.write(f"stats {path}: decode {result.timings['decode']:.2f} s "
+                               f"{json.dumps(result.stats.to_dict())}", file=sys.stderr)
+                identical += result.tokens == ref.tokens
                 bar.update(1)
+    if baseline:
+        (m_dec, m_all), (b_dec, b_all) = timings["method"], timings["baseline"]
+        print(f"compare: {args.method} vs {args.compare} on {len(args.files) - failed} file(s): decode "
+              f"{m_dec:.2f} s vs {b_dec:.2f} s ({b_dec / m_dec:.2f}x), end to end {m_all:.2f} s vs {b_all:.2f} s "
+              f"({b_all / m_all:.2f}x), token-identical {identical}/{len(args.files) - failed}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _timed(transcriber, audios, args, acc: list[float]):
+    """Transcribe and add (decode seconds, wall seconds) to ``acc``."""
+    t0 = time.perf_counter()
+    results = transcriber.transcribe(audios, language=args.language, task=args.task)
+    acc[1] += time.perf_counter() - t0
+    acc[0] += transcriber.totals.get("decode", 0.0)
+    return results
 
 
 def _emit(path: str, text: str, args: argparse.Namespace, multiple: bool) -> None:
@@ -104,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", default="text", choices=["text", "json", "srt", "vtt"])
     p.add_argument("--output-dir", default=None, help="write FILE.<format> here instead of printing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stats", action="store_true", help="print per-file speculative decoding statistics")
+    p.add_argument("--compare", default=None, choices=METHODS,
+                   help="also decode with this method and print the speedup and identical-output check")
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("eval", help="word error rate on a JSONL manifest")

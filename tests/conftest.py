@@ -97,7 +97,11 @@ def base_ar(base, manifest, dev_audio):
     """whisper-base greedy AR transcripts of every dev file (with the manifest's language): the reference."""
     from specasr_vllm.engine import Transcriber
 
-    transcriber = Transcriber(target=base)
+    return transcribe_by_language(Transcriber(target=base), manifest, dev_audio)
+
+
+def transcribe_by_language(transcriber, manifest, dev_audio) -> dict:
+    """Transcripts by id, each language's files decoded together with their manifest language."""
     out = {}
     for lang in sorted({e.language for e in manifest}):
         entries = [e for e in manifest if e.language == lang]

@@ -67,3 +67,14 @@ def test_eval_prints_wer(tmp_path, speech_dir):
     assert out.returncode == 0, out.stderr
     assert rows[0]["id"] in out.stdout
     assert "WER [en]" in out.stdout and "2 files" in out.stdout
+
+
+def test_specasr_with_stats_and_compare():
+    out = specasr("transcribe", str(SAMPLE), "--method", "specasr", "--draft", "whisper-tiny.en", "--language", "en",
+                  "--stats", "--compare", "ar", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "stew for dinner" in out.stdout
+    stats = next(line for line in out.stderr.splitlines() if line.startswith("stats "))
+    doc = json.loads(stats.split(" s ", 1)[1])
+    assert doc["output_tokens"] > 20 and doc["accepted_tokens"] > 0 and doc["target_passes"] < doc["output_tokens"]
+    assert "compare: specasr vs ar on 1 file(s)" in out.stderr and "token-identical 1/1" in out.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import transcribe_by_language
 from specasr_vllm.config import EngineConfig, SpecConfig
 from specasr_vllm.engine import Transcriber
 from specasr_vllm.spec.stats import SpecStats
@@ -14,13 +15,7 @@ pytestmark = pytest.mark.real
 
 def _run(base, tiny_en, manifest, dev_audio, method: str, **spec):
     config = EngineConfig(method=method, spec=SpecConfig.for_method(method, **spec))
-    transcriber = Transcriber(config, target=base, draft=tiny_en)
-    out = {}
-    for lang in sorted({e.language for e in manifest}):
-        entries = [e for e in manifest if e.language == lang]
-        for e, t in zip(entries, transcriber.transcribe([dev_audio[e.id] for e in entries], language=lang)):
-            out[e.id] = t
-    return out
+    return transcribe_by_language(Transcriber(config, target=base, draft=tiny_en), manifest, dev_audio)
 
 
 @pytest.mark.parametrize("method,spec", [("sd", {}), ("specasr", {}), ("specasr", {"concurrent_draft": True})],

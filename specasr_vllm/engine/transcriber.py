@@ -83,6 +83,7 @@ class Transcriber:
         dtype = getattr(torch, self.config.dtype)
         self.target = target or load_model(self.config.model, self.config.device, dtype)
         self.rules = WhisperRules(self.target)
+        self.totals: dict[str, float] = {}
         self.draft: DraftModel | None = None
         if self.config.method != "ar":
             spec = self.config.spec
@@ -108,6 +109,7 @@ class Transcriber:
         ]
         windows.sort(key=lambda w: (w.window_index, w.audio_index))  # every first window before any second
         texts: dict[tuple[int, int], Segment] = {}
+        self.totals: dict[str, float] = {}  # seconds per phase over this call's batches
         results = [Transcript(text="", language="", duration=len(a) / SAMPLE_RATE) for a in audios]
         size = self.config.batch_size
         for b in range(0, len(windows), size):
@@ -141,6 +143,8 @@ class Transcriber:
                     w.start / SAMPLE_RATE, w.end / SAMPLE_RATE, tok.decode(tokens).strip(), tokens
                 )
                 results[w.audio_index].stats.merge(st)
+            for name, seconds in timings.items():
+                self.totals[name] = self.totals.get(name, 0.0) + seconds
             for a in {w.audio_index for w in batch}:
                 for name, seconds in timings.items():
                     results[a].timings[name] = results[a].timings.get(name, 0.0) + seconds
