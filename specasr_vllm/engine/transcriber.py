@@ -157,14 +157,16 @@ class Transcriber:
     def _start_drafter(self, clips: list[np.ndarray], mels: torch.Tensor, languages: list[str], task: str) -> Drafter:
         """Encode the batch for the draft (unpadded if configured) and register each window with it."""
         draft_tok = self.draft.asr.tokenizer
-        if self.draft.asr.n_mels != self.target.n_mels:
-            mels = torch.stack([log_mel_spectrogram(c, self.draft.asr.n_mels) for c in clips])
-        if self.config.spec.draft_unpadded:
-            frames = max(len(c) for c in clips) // HOP_LENGTH + DRAFT_MARGIN_FRAMES
-            mels = mels[:, :, : min(N_FRAMES, frames + frames % 2)]
-        features = self.draft.encode(mels)
         # an English-only draft serves English transcription only; elsewhere the request runs as AR
         enabled = [draft_tok.multilingual or (lang == "en" and task == "transcribe") for lang in languages]
+        features = None  # no draft encoder pass for a batch the draft cannot serve
+        if any(enabled):
+            if self.draft.asr.n_mels != self.target.n_mels:
+                mels = torch.stack([log_mel_spectrogram(c, self.draft.asr.n_mels) for c in clips])
+            if self.config.spec.draft_unpadded:
+                frames = max(len(c) for c in clips) // HOP_LENGTH + DRAFT_MARGIN_FRAMES
+                mels = mels[:, :, : min(N_FRAMES, frames + frames % 2)]
+            features = self.draft.encode(mels)
         prefixes = [draft_tok.prefix(lang if draft_tok.multilingual else None, task) for lang in languages]
         drafter = Drafter(self.draft, self.bridge, self.config.spec, self.policy, self.costs)
         drafter.add(list(range(len(clips))), features, prefixes, enabled)

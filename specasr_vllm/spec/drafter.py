@@ -79,8 +79,10 @@ class Drafter:
         self._rounds: list[_Round] = []  # the last proposal, which ``run_ahead`` extends
 
     # ---- request lifecycle -------------------------------------------------------------------
-    def add(self, keys: list[Hashable], features: torch.Tensor, prefixes: list[list[int]], enabled: list[bool]) -> None:
-        """Start requests with the draft encoder's output for each; disabled ones never draft."""
+    def add(self, keys: list[Hashable], features: torch.Tensor | None, prefixes: list[list[int]],
+            enabled: list[bool]) -> None:
+        """Start requests with the draft encoder's output for each (``None`` if none is enabled);
+        disabled ones never draft."""
         if self.cache is not None:
             raise RuntimeError("requests are added once per batch")
         for key, prefix, on in zip(keys, prefixes, enabled):
