@@ -10,7 +10,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, METHODS, EngineConfig, SpecConfig, default_manifest
+from specasr_vllm.config import (
+    DEFAULT_DRAFT, DEFAULT_MODEL, METHODS, OUTPUT_FORMATS, EngineConfig, ServerConfig, SpecConfig, default_manifest,
+)
 from specasr_vllm.errors import SpecASRError
 
 
@@ -63,11 +65,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                     bar.update(1)
             if baseline and start == 0 and audios:  # warm both up so neither pays first-call costs
                 for t in (transcriber, baseline):
-                    t.transcribe(audios[:1], language=args.language, task=args.task)
+                    t.transcribe(audios[:1], **_options(args))
             results = _timed(transcriber, audios, args, timings["method"])
             reference = _timed(baseline, audios, args, timings["baseline"]) if baseline else results
             for path, result, ref in zip(group, results, reference):
-                _emit(path, render(result, args.output_format), args, multiple=len(args.files) > 1)
+                _emit(path, render(result, args.output_format, args.task), args, multiple=len(args.files) > 1)
                 if args.stats:
                     tqdm.write(f"stats {path}: decode {result.timings['decode']:.2f} s "
                                f"{json.dumps(result.stats.to_dict())}", file=sys.stderr)
@@ -81,10 +83,18 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """What ``Transcriber.transcribe`` needs from the command line (timestamps only where the format shows them)."""
+    from specasr_vllm.formats import needs_timestamps
+
+    return {"language": args.language, "task": args.task, "prompt": args.prompt,
+            "timestamps": needs_timestamps(args.output_format)}
+
+
 def _timed(transcriber, audios, args, acc: list[float]):
     """Transcribe and add (decode seconds, wall seconds) to ``acc``."""
     t0 = time.perf_counter()
-    results = transcriber.transcribe(audios, language=args.language, task=args.task)
+    results = transcriber.transcribe(audios, **_options(args))
     acc[1] += time.perf_counter() - t0
     acc[0] += transcriber.totals.get("decode", 0.0)
     return results
@@ -95,7 +105,7 @@ def _emit(path: str, text: str, args: argparse.Namespace, multiple: bool) -> Non
         out = Path(args.output_dir) / f"{Path(path).stem}.{args.output_format.replace('text', 'txt')}"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
-    elif multiple and args.output_format != "json":
+    elif multiple and not args.output_format.endswith("json"):
         tqdm.write(f"==> {path} <==\n{text}", end="")
     else:
         tqdm.write(text, end="")
@@ -132,6 +142,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from specasr_vllm.engine import Transcriber
+    from specasr_vllm.server import build_app
+
+    config = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
+                          max_upload_mb=args.max_upload_mb, max_audio_seconds=args.max_audio_seconds,
+                          max_queue=args.max_queue)
+    if args.api_key:
+        config.api_key = args.api_key
+    app = build_app(Transcriber(_config(args)), config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specasr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.add_argument("--language", default=None, help="language code or name (default: detect)")
     p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
-    p.add_argument("--output-format", default="text", choices=["text", "json", "srt", "vtt"])
+    p.add_argument("--output-format", default="text", choices=OUTPUT_FORMATS,
+                   help="OpenAI's formats; verbose_json, srt and vtt decode Whisper's timestamps")
+    p.add_argument("--prompt", default=None, help="text to condition on (names, spellings, earlier context)")
     p.add_argument("--output-dir", default=None, help="write FILE.<format> here instead of printing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stats", action="store_true", help="print per-file speculative decoding statistics")
@@ -157,6 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N entries")
     p.add_argument("--detect-language", action="store_true", help="detect instead of using the manifest's language")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/audio/transcriptions, /metrics)")
+    _engine_args(p)
+    p.set_defaults(func=cmd_serve, method="specasr")
+    defaults = ServerConfig()
+    p.add_argument("--engine", default="embedded", choices=["embedded"],
+                   help="embedded: target and draft in this process (the vLLM engine is not available yet)")
+    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SPECASR_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    p.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb)
+    p.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds)
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 503")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 

@@ -21,11 +21,13 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3 000 mel frames in one window
 
 # --- decoding ---
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder length limit, prefix included
+MAX_INITIAL_TIMESTAMP = 1.0  # seconds: the latest a window's first timestamp may be (Whisper's default)
 
 # --- models ---
 DEFAULT_MODEL = "whisper-base"
 DEFAULT_DRAFT = "whisper-tiny.en"
 METHODS = ("ar", "sd", "specasr")
+OUTPUT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")  # OpenAI's response formats
 
 
 def cache_dir() -> Path:
@@ -89,3 +91,19 @@ class EngineConfig:
     batch_size: int = 8  # 30 s windows encoded and decoded together
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
     spec: SpecConfig = field(default_factory=SpecConfig)
+
+
+@dataclass
+class ServerConfig:
+    """The HTTP server's limits and identity; every default works out of the box."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = field(default_factory=lambda: os.environ.get("SPECASR_API_KEY") or None)
+    served_model_name: str | None = None  # the name clients send; default: the engine's model name
+    aliases: tuple[str, ...] = ("whisper-1",)  # also accepted, so OpenAI's own examples work unchanged
+    max_upload_mb: float = 25.0  # OpenAI's limit
+    max_audio_seconds: float = 600.0
+    max_queue: int = 64  # requests waiting for the engine before new ones get 503
+    batch_wait_ms: float = 5.0  # how long the engine waits to gather a batch after the first request
+    retry_after_s: int = 1  # the Retry-After a rejected client is told

@@ -39,25 +39,32 @@ def pair_models(tmp_path_factory, base_dir, tiny_en_dir):
     return {"same": (target, noisy), "other": (target, other)}
 
 
-def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, seed: int):
+def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, seed: int, timestamps: bool = False):
+    """AR and speculative outputs as token lists (log-probabilities checked to agree on the way)."""
     torch.manual_seed(seed)
     mel = torch.randn(batch, 80, 3000)
     features = target.model.encode(mel)
     rules = WhisperRules(target)
     langs = ["en", "de", "fr", "en"][:batch]
-    prefixes = [target.tokenizer.prefix(lang) for lang in langs]
-    reference = decode_ar(target, rules, features, prefixes, max_positions=MAX_POSITIONS)
+    prefixes = [target.tokenizer.prefix(lang, timestamps=timestamps) for lang in langs]
+    reference = decode_ar(target, rules, features, prefixes, max_positions=MAX_POSITIONS, timestamps=timestamps)
     costs = Costs()
     policy = ConfidencePolicy(spec.threshold, cap=spec.max_draft, auto=spec.auto_threshold, costs=costs) \
         if spec.adaptive else FixedLength(spec.k)
     dm = DraftModel(draft, spec)
     drafter = Drafter(dm, make_bridge(target.tokenizer, draft.tokenizer), spec, policy, costs)
     dtok = draft.tokenizer
+    same = dtok.multilingual  # the "same" pair shares the target's vocabulary and drafts timestamps too
     drafter.add(list(range(batch)), dm.encode(mel[:, :, : 3000 if not spec.draft_unpadded else 1000]),
-                [dtok.prefix(lang if dtok.multilingual else None) for lang in langs],
+                [dtok.prefix(lang if dtok.multilingual else None, timestamps=timestamps and same) for lang in langs],
                 [dtok.multilingual or lang == "en" for lang in langs])
-    out = decode_speculative(target, rules, drafter, features, prefixes, list(range(batch)), max_positions=MAX_POSITIONS)
-    return reference, out, [drafter.stats(i) for i in range(batch)]
+    out = decode_speculative(target, rules, drafter, features, prefixes, list(range(batch)),
+                             max_positions=MAX_POSITIONS, timestamps=timestamps)
+    for ar, spec_out in zip(reference, out):
+        if ar.tokens == spec_out.tokens:
+            assert spec_out.logprobs == pytest.approx(ar.logprobs, abs=1e-3)
+            assert spec_out.no_speech_prob == pytest.approx(ar.no_speech_prob, abs=1e-5)
+    return [d.tokens for d in reference], [d.tokens for d in out], [drafter.stats(i) for i in range(batch)]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -66,15 +73,15 @@ def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, se
     adaptive=st.booleans(), recycling=st.booleans(), tree=st.booleans(), auto=st.booleans(),
     k=st.integers(1, 8), batch=st.integers(1, 4), seed=st.integers(0, 10_000),
     int8=st.booleans(), unpadded=st.booleans(), draft_vocab=st.sampled_from([None, 16384, 300]),
-    tree_depth=st.integers(1, 3), tree_branches=st.integers(1, 3),
+    tree_depth=st.integers(1, 3), tree_branches=st.integers(1, 3), timestamps=st.booleans(),
 )
 def test_speculative_equals_target_greedy(pair_models, vocab, adaptive, recycling, tree, auto, k, batch, seed,
-                                          int8, unpadded, draft_vocab, tree_depth, tree_branches):
+                                          int8, unpadded, draft_vocab, tree_depth, tree_branches, timestamps):
     target, draft = pair_models[vocab]
     spec = SpecConfig(adaptive=adaptive, recycling=recycling, tree=tree, auto_threshold=auto, k=k,
                       draft_int8=int8, draft_unpadded=unpadded, draft_vocab=draft_vocab, max_draft=10,
                       tree_depth=tree_depth, tree_branches=tree_branches, tree_threshold=0.99, fallback_after=10**6)
-    reference, out, stats = run_both(target, draft, spec, batch, seed)
+    reference, out, stats = run_both(target, draft, spec, batch, seed, timestamps)
     assert out == reference
     for s, ref in zip(stats, reference):
         assert s.output_tokens == len(ref)

@@ -20,12 +20,13 @@ from specasr_vllm.errors import AudioDecodeError, AudioTooLongError
 AudioSource = str | os.PathLike | bytes
 
 
-def decode_audio(source: AudioSource, *, max_seconds: float | None = None) -> np.ndarray:
+def decode_audio(source: AudioSource, *, max_seconds: float | None = None, name: str | None = None) -> np.ndarray:
     """Return the first audio stream of ``source`` as 16 kHz mono float32 in [-1, 1].
 
-    ``max_seconds`` stops decoding as soon as the limit is passed (an oversized upload costs little).
+    ``max_seconds`` stops decoding as soon as the limit is passed (an oversized upload costs little);
+    ``name`` is what error messages call the source (an upload's file name).
     """
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise AudioDecodeError(f"{name}: no such file")
     try:

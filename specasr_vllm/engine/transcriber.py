@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-
 from specasr_vllm.audio import log_mel_spectrogram, split_points
 from specasr_vllm.config import DEFAULT_DRAFT, HOP_LENGTH, METHODS, N_FRAMES, SAMPLE_RATE, EngineConfig
 from specasr_vllm.engine.ar import decode_ar
+from specasr_vllm.engine.segments import Segment, window_segments
 from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
 from specasr_vllm.spec.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.spec.bridge import make_bridge
+from specasr_vllm.spec.bridge import IdentityBridge, make_bridge
 from specasr_vllm.spec.draft_model import DraftModel
 from specasr_vllm.spec.drafter import Drafter
 from specasr_vllm.spec.stats import SpecStats
@@ -36,14 +37,6 @@ def _threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@dataclass
-class Segment:
-    start: float
-    end: float
-    text: str
-    tokens: list[int]
 
 
 @dataclass
@@ -97,18 +90,27 @@ class Transcriber:
             self.policy = (ConfidencePolicy(spec.threshold, cap=spec.max_draft, auto=spec.auto_threshold, costs=self.costs)
                            if spec.adaptive else FixedLength(spec.k))
 
-    def transcribe(self, audios: list[np.ndarray], language: str | None = None, task: str = "transcribe") -> list[Transcript]:
+    def transcribe(self, audios: list[np.ndarray], language: str | None | list[str | None] = None,
+                   task: str = "transcribe", timestamps: bool = False, prompt: str | None = None,
+                   on_window: Callable[[int, list[Segment]], None] | None = None) -> list[Transcript]:
+        """Transcripts of ``audios`` (16 kHz mono); ``language`` for all or per audio (None: detect).
+
+        ``timestamps`` decodes Whisper's timestamp tokens into segments; ``prompt`` conditions every
+        window on earlier text (names, spellings, style); ``on_window(audio, segments)``
+        hears each 30 s window as soon as its batch is decoded, windows of one audio in order.
+        """
         tok = self.target.tokenizer
-        if language is not None:
-            language = tok.language_code(language)
+        languages = language if isinstance(language, list) else [language] * len(audios)
+        if len(languages) != len(audios):
+            raise InvalidRequestError(f"{len(languages)} languages for {len(audios)} audios")
+        languages = [tok.language_code(code) if code is not None else None for code in languages]
         if not tok.multilingual:
-            language = "en"
-        languages: list[str | None] = [language] * len(audios)
+            languages = ["en"] * len(audios)
         windows = [
             _Window(a, w, s, e) for a, audio in enumerate(audios) for w, (s, e) in enumerate(split_points(audio))
         ]
         windows.sort(key=lambda w: (w.window_index, w.audio_index))  # every first window before any second
-        texts: dict[tuple[int, int], Segment] = {}
+        texts: dict[tuple[int, int], list[Segment]] = {}
         self.totals: dict[str, float] = {}  # seconds per phase over this call's batches
         results = [Transcript(text="", language="", duration=len(a) / SAMPLE_RATE) for a in audios]
         size = self.config.batch_size
@@ -122,40 +124,47 @@ class Transcriber:
             if undetected:
                 for i, code in zip(undetected, self._detect_language(features[undetected])):
                     languages[batch[i].audio_index] = code
-            prefixes = [tok.prefix(languages[w.audio_index], task) for w in batch]
+            prefixes = [tok.prefix(languages[w.audio_index], task, timestamps, prompt) for w in batch]
             timings["encode"] = time.perf_counter() - timings["encode"]
             if self.draft is None:
                 t0 = time.perf_counter()
-                outputs = decode_ar(self.target, self.rules, features, prefixes)
+                outputs = decode_ar(self.target, self.rules, features, prefixes, timestamps=timestamps)
                 stats = [SpecStats() for _ in batch]
             else:
                 t0 = time.perf_counter()
-                drafter = self._start_drafter(clips, mels, [languages[w.audio_index] for w in batch], task)
+                drafter = self._start_drafter(clips, mels, [languages[w.audio_index] for w in batch], task, timestamps,
+                                             prompt)
                 timings["draft_encode"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 with _threads(1 if self.pool else torch.get_num_threads()):
                     outputs = decode_speculative(self.target, self.rules, drafter, features, prefixes,
-                                                 list(range(len(batch))), pool=self.pool)
+                                                 list(range(len(batch))), pool=self.pool, timestamps=timestamps)
                 stats = [drafter.stats(i) for i in range(len(batch))]
             timings["decode"] = time.perf_counter() - t0
-            for w, tokens, st in zip(batch, outputs, stats):
-                texts[(w.audio_index, w.window_index)] = Segment(
-                    w.start / SAMPLE_RATE, w.end / SAMPLE_RATE, tok.decode(tokens).strip(), tokens
-                )
+            for w, decoded, st in zip(batch, outputs, stats):
+                segments = window_segments(decoded, tok, w.start / SAMPLE_RATE, w.end / SAMPLE_RATE)
+                texts[(w.audio_index, w.window_index)] = segments
                 results[w.audio_index].stats.merge(st)
+                if on_window is not None:
+                    on_window(w.audio_index, segments)
             for name, seconds in timings.items():
                 self.totals[name] = self.totals.get(name, 0.0) + seconds
             for a in {w.audio_index for w in batch}:
                 for name, seconds in timings.items():
                     results[a].timings[name] = results[a].timings.get(name, 0.0) + seconds
         for a, result in enumerate(results):
-            result.segments = [texts[k] for k in sorted(k for k in texts if k[0] == a)]
+            result.segments = [s for k in sorted(k for k in texts if k[0] == a) for s in texts[k]]
             result.text = " ".join(s.text for s in result.segments if s.text)
             result.language = languages[a] or "en"
         return results
 
-    def _start_drafter(self, clips: list[np.ndarray], mels: torch.Tensor, languages: list[str], task: str) -> Drafter:
-        """Encode the batch for the draft (unpadded if configured) and register each window with it."""
+    def _start_drafter(self, clips: list[np.ndarray], mels: torch.Tensor, languages: list[str], task: str,
+                       timestamps: bool, prompt: str | None) -> Drafter:
+        """Encode the batch for the draft (unpadded if configured) and register each window with it.
+
+        A draft with the target's vocabulary predicts timestamps too; through a text bridge it sees
+        and drafts text only, and the target's timestamps are simply not drafted.
+        """
         draft_tok = self.draft.asr.tokenizer
         # an English-only draft serves English transcription only; elsewhere the request runs as AR
         enabled = [draft_tok.multilingual or (lang == "en" and task == "transcribe") for lang in languages]
@@ -167,7 +176,9 @@ class Transcriber:
                 frames = max(len(c) for c in clips) // HOP_LENGTH + DRAFT_MARGIN_FRAMES
                 mels = mels[:, :, : min(N_FRAMES, frames + frames % 2)]
             features = self.draft.encode(mels)
-        prefixes = [draft_tok.prefix(lang if draft_tok.multilingual else None, task) for lang in languages]
+        draft_timestamps = timestamps and isinstance(self.bridge, IdentityBridge)
+        prefixes = [draft_tok.prefix(lang if draft_tok.multilingual else None, task, draft_timestamps, prompt)
+                    for lang in languages]
         drafter = Drafter(self.draft, self.bridge, self.config.spec, self.policy, self.costs)
         drafter.add(list(range(len(clips))), features, prefixes, enabled)
         return drafter

@@ -2,26 +2,41 @@
 
 - ``suppress_tokens`` never appear;
 - ``begin_suppress_tokens`` (a blank and end-of-text) cannot be the first token after the prefix;
+- with timestamps, the timestamp grammar of Whisper's reference decoder: the text starts with a
+  timestamp no later than ``MAX_INITIAL_TIMESTAMP``, timestamps come in pairs around each segment and
+  never go back in time, and a timestamp is forced wherever the timestamps' total probability beats
+  every single text token;
 - language detection is the argmax over language tokens after <|startoftranscript|>.
+
+Every rule is a function of the logits at one position and the tokens generated before it, so a
+speculative verifier that applies them per tree node reproduces autoregressive decoding exactly.
 """
 
 from __future__ import annotations
 
 import torch
 
+from specasr_vllm.config import MAX_INITIAL_TIMESTAMP
 from specasr_vllm.models.registry import ASRModel
+from specasr_vllm.models.tokenizer import TIME_PRECISION
 
 
 class WhisperRules:
     def __init__(self, asr: ASRModel):
         vocab = asr.model.dims.vocab_size
         device = asr.model.device
-        self.eot = asr.tokenizer.eot
+        tok = asr.tokenizer
+        self.eot = tok.eot
+        self.sot = tok.sot
+        self.no_timestamps = tok.no_timestamps
+        self.timestamp_begin = tok.timestamp_begin
+        self.no_speech = tok.no_speech
+        self.max_initial = self.timestamp_begin + round(MAX_INITIAL_TIMESTAMP / TIME_PRECISION)
         self.suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
         self.suppress[[t for t in asr.suppress_tokens if t < vocab]] = True
         self.begin_suppress = self.suppress.clone()
         self.begin_suppress[[t for t in asr.begin_suppress_tokens if t < vocab]] = True
-        self.language_ids = asr.tokenizer.language_ids
+        self.language_ids = tok.language_ids
 
     def mask(self, logits: torch.Tensor, first: torch.Tensor | bool = False) -> torch.Tensor:
         """``logits`` (..., vocab) with forbidden tokens at -inf; ``first`` marks positions right after the prefix."""
@@ -29,8 +44,53 @@ class WhisperRules:
         forbidden = torch.where(first[..., None], self.begin_suppress, self.suppress)
         return logits.masked_fill(forbidden, float("-inf"))
 
-    def greedy(self, logits: torch.Tensor, first: torch.Tensor | bool = False) -> torch.Tensor:
-        return self.mask(logits, first).argmax(-1)
+    def timestamp_mask(self, logits: torch.Tensor, contexts: list[list[int]]) -> torch.Tensor:
+        """(n, vocab) logits under the timestamp grammar; ``contexts[i]``: the tokens generated before row ``i``."""
+        logits = logits.clone()
+        ts = self.timestamp_begin
+        logits[:, self.no_timestamps] = float("-inf")
+        for i, seq in enumerate(contexts):
+            row = logits[i]
+            if not seq:  # the first token is a timestamp, and an early one
+                row[:ts] = float("-inf")
+                row[self.max_initial + 1 :] = float("-inf")
+                continue
+            last_ts = seq[-1] >= ts
+            penultimate_ts = len(seq) < 2 or seq[-2] >= ts
+            if last_ts:
+                if penultimate_ts:  # a closed pair: text (or the end) follows
+                    row[ts:] = float("-inf")
+                else:  # an open segment just ended: another timestamp (or the end) follows
+                    row[: self.eot] = float("-inf")
+            stamps = [t for t in seq if t >= ts]
+            if stamps:  # never back in time; a new segment starts after the last one ended
+                floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
+                row[ts:floor] = float("-inf")
+        logprobs = logits.float().log_softmax(-1)
+        timestamp_wins = logprobs[:, ts:].logsumexp(-1) > logprobs[:, :ts].max(-1).values
+        logits[timestamp_wins, :ts] = float("-inf")
+        return logits
+
+    def pick(self, logits: torch.Tensor, first: torch.Tensor | bool = False,
+             contexts: list[list[int]] | None = None) -> tuple[list[int], list[float]]:
+        """Greedy token and its log-probability for each row of (n, vocab) logits.
+
+        ``contexts`` switches on timestamps (and then also decides which rows are first).
+        """
+        if contexts is not None:
+            first = torch.tensor([not c for c in contexts], device=logits.device)
+        logits = self.mask(logits, first)
+        if contexts is not None:
+            logits = self.timestamp_mask(logits, contexts)
+        best = logits.max(-1)  # the log-probability without materialising the whole log-softmax
+        logprobs = best.values.float() - logits.float().logsumexp(-1)
+        return best.indices.tolist(), logprobs.tolist()
+
+    def no_speech_prob(self, prefill_logits: torch.Tensor, prefix: list[int]) -> list[float]:
+        """Probability of <|nospeech|> at <|startoftranscript|>, from the (batch, len(prefix), vocab) prefill."""
+        if self.no_speech is None:
+            return [0.0] * prefill_logits.shape[0]
+        return prefill_logits[:, prefix.index(self.sot)].float().softmax(-1)[:, self.no_speech].tolist()
 
     def detect_language(self, sot_logits: torch.Tensor) -> list[str]:
         """Language codes from (batch, vocab) logits at <|startoftranscript|>."""

@@ -12,9 +12,11 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
+from specasr_vllm.config import MAX_TARGET_POSITIONS
 from specasr_vllm.errors import InvalidRequestError
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
+MAX_PROMPT_TOKENS = MAX_TARGET_POSITIONS // 2 - 1  # Whisper keeps half the context for the prompt
 
 
 class WhisperTokenizer:
@@ -24,6 +26,7 @@ class WhisperTokenizer:
         special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
         self.eot = special["<|endoftext|>"]
         self.sot = special["<|startoftranscript|>"]
+        self.sot_prev = special["<|startofprev|>"]
         self.translate = special["<|translate|>"]
         self.transcribe = special["<|transcribe|>"]
         self.no_speech = special.get("<|nospeech|>", special.get("<|nocaptions|>"))
@@ -69,16 +72,25 @@ class WhisperTokenizer:
             )
         return code
 
-    def prefix(self, language: str | None, task: str = "transcribe") -> list[int]:
-        """The forced start: <|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>.
+    def prefix(self, language: str | None, task: str = "transcribe", timestamps: bool = False,
+               prompt: str | None = None) -> list[int]:
+        """The forced start: [<|startofprev|> prompt] <|startoftranscript|> [<|lang|> <|task|>] [<|notimestamps|>].
 
-        English-only models take no language or task token.
+        English-only models take no language or task token; with ``timestamps`` the model predicts
+        timestamp tokens around each segment instead of being told not to. A ``prompt`` (earlier
+        text, spellings of names) is kept to its last ``MAX_PROMPT_TOKENS`` tokens, as Whisper does.
         """
         if task not in ("transcribe", "translate"):
             raise InvalidRequestError(f"unknown task {task!r}; use 'transcribe' or 'translate'")
+        start = [self.sot_prev, *self.encode(" " + prompt.strip())[-MAX_PROMPT_TOKENS:]] if prompt else []
+        end = [] if timestamps else [self.no_timestamps]
         if not self.multilingual:
-            return [self.sot, self.no_timestamps]
+            return [*start, self.sot, *end]
         if language is None:
             raise InvalidRequestError("a multilingual model needs a language (or language detection)")
         task_id = self.transcribe if task == "transcribe" else self.translate
-        return [self.sot, self.language_ids[self.language_code(language)], task_id, self.no_timestamps]
+        return [*start, self.sot, self.language_ids[self.language_code(language)], task_id, *end]
+
+    def seconds(self, token: int) -> float:
+        """The time a timestamp token stands for, from the start of its window."""
+        return (token - self.timestamp_begin) * TIME_PRECISION

@@ -1,0 +1,18 @@
+"""What a decoder returns for one window: the tokens, and what the API reports about them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Decoded:
+    tokens: list[int] = field(default_factory=list)  # generated tokens, end-of-text excluded
+    logprobs: list[float] = field(default_factory=list)  # the target's log-probability of each token
+    no_speech_prob: float = 0.0  # probability of <|nospeech|> at <|startoftranscript|>
+
+    def extend(self, tokens: list[int], logprobs: list[float], eot: int) -> None:
+        for token, logprob in zip(tokens, logprobs):
+            if token != eot:
+                self.tokens.append(token)
+                self.logprobs.append(logprob)
