@@ -158,6 +158,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ray_serve(args: argparse.Namespace) -> int:
+    """Deploy the server on a running Ray cluster and return; the application keeps serving there."""
+    import ray
+    from ray import serve
+
+    from specasr_vllm.server.ray_app import app_builder
+
+    builder_args = {"model": args.model, "draft": args.draft, "method": args.method, "batch_size": args.batch_size,
+                    "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+                    "num_cpus": args.num_cpus, "max_queue": args.max_queue}
+    if args.threads:
+        builder_args["threads"] = args.threads
+    if args.api_key:
+        builder_args["api_key"] = args.api_key
+    app = app_builder({k: str(v) for k, v in builder_args.items()})
+    ray.init(address=args.address, logging_level="WARNING")
+    serve.start(http_options={"host": args.http_host, "port": args.http_port})
+    serve.run(app, name=args.name, route_prefix="/", blocking=False)
+    print(f"{args.name}: serving on http://{args.http_host}:{args.http_port}/v1 "
+          f"({args.min_replicas}-{args.max_replicas} replicas of {args.model}, method {args.method})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specasr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds)
     p.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 503")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    p = sub.add_parser("ray-serve", help="deploy the server as a Ray Serve application on a Ray cluster")
+    _engine_args(p)
+    p.set_defaults(func=cmd_ray_serve, method="specasr")
+    p.add_argument("--address", default="auto", help="the Ray cluster: auto, HOST:PORT or ray://HOST:10001")
+    p.add_argument("--name", default="specasr", help="Serve application name")
+    p.add_argument("--http-host", default="0.0.0.0", help="where Serve's HTTP proxies listen")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, default=4)
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests per replica before 503")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     return parser
 
 

@@ -107,3 +107,4 @@ class ServerConfig:
     max_queue: int = 64  # requests waiting for the engine before new ones get 503
     batch_wait_ms: float = 5.0  # how long the engine waits to gather a batch after the first request
     retry_after_s: int = 1  # the Retry-After a rejected client is told
+    metrics_backend: str = "prometheus"  # "ray" inside Ray Serve replicas (see server/metrics.py)

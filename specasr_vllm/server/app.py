@@ -43,7 +43,7 @@ _DRAIN_LIMIT = 256 * 2**20  # an oversized body is read and dropped up to here, 
 
 def build_app(transcriber: Transcriber, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    metrics = Metrics()
+    metrics = Metrics(config.metrics_backend)
     worker = EngineWorker(transcriber, metrics, max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms)
     tokenizer = transcriber.target.tokenizer
     names = (config.served_model_name or transcriber.config.model, *config.aliases)

@@ -1,51 +1,110 @@
-"""Prometheus metrics in vLLM's naming style (``specasr:`` prefix, seconds, ``_total`` counters).
+"""The server's metrics, defined once, exported two ways.
 
-One ``Metrics`` per app, each with its own registry, so several servers (or tests) in one process
-never share counters. ``METRIC_NAMES`` is what the Grafana dashboard may query.
+- Standalone (``specasr serve``): prometheus-client in vLLM's naming style (``specasr:`` prefix,
+  seconds, ``_total`` counters), one registry per app, scraped at ``/metrics``.
+- Ray Serve replicas: the same metrics through ``ray.util.metrics``, so every node's Ray metrics
+  agent exports all its replicas together (a scrape of ``/metrics`` through Serve's proxy would see
+  one random replica). Ray forbids ``:`` in names and adds its ``ray_`` namespace:
+  ``specasr:requests`` becomes ``ray_specasr_requests``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from dataclasses import dataclass
+
+import prometheus_client as prom
 
 from specasr_vllm.spec.stats import SpecStats
 
-disable_created_metrics()  # as vLLM does: no ``*_created`` series beside every counter
+prom.disable_created_metrics()  # as vLLM does: no ``*_created`` series beside every counter
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
-_LENGTH_BUCKETS = tuple(range(0, 25))
+_LENGTH_BUCKETS = tuple(float(n) for n in range(25))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    attr: str
+    kind: str  # counter | gauge | histogram
+    name: str
+    doc: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+
+METRICS = (
+    _Spec("requests", "counter", "specasr:requests", "Finished HTTP requests by endpoint and status code.",
+          ("endpoint", "status")),
+    _Spec("latency", "histogram", "specasr:e2e_request_latency_seconds", "Time from request to last byte.",
+          ("endpoint",), _LATENCY_BUCKETS),
+    _Spec("ttft", "histogram", "specasr:time_to_first_token_seconds", "Streams: time from request to the first text.",
+          (), _LATENCY_BUCKETS),
+    _Spec("audio_seconds", "counter", "specasr:audio_seconds", "Seconds of audio transcribed."),
+    _Spec("rtf", "histogram", "specasr:real_time_factor", "Engine time over audio duration, per request.",
+          (), _RTF_BUCKETS),
+    _Spec("waiting", "gauge", "specasr:num_requests_waiting", "Requests queued for the engine."),
+    _Spec("running", "gauge", "specasr:num_requests_running", "Requests in the engine's current batch."),
+    _Spec("generation_tokens", "counter", "specasr:generation_tokens", "Tokens generated."),
+    _Spec("target_passes", "counter", "specasr:target_passes", "Target decoder passes after the prefill."),
+    _Spec("drafts", "counter", "specasr:spec_decode_num_drafts", "Verification passes that checked a draft."),
+    _Spec("draft_tokens", "counter", "specasr:spec_decode_num_draft_tokens", "Drafted tokens verified."),
+    _Spec("accepted_tokens", "counter", "specasr:spec_decode_num_accepted_tokens", "Drafted tokens accepted."),
+    _Spec("recycled_tokens", "counter", "specasr:spec_decode_num_recycled_tokens",
+          "Accepted tokens that came from draft recycling."),
+    _Spec("tree_nodes", "counter", "specasr:spec_decode_num_tree_nodes", "Draft tree nodes verified."),
+    _Spec("draft_steps", "counter", "specasr:spec_decode_num_draft_steps", "Sequential draft model steps."),
+    _Spec("acceptance_length", "histogram", "specasr:spec_decode_acceptance_length",
+          "Accepted drafted tokens per verification pass.", (), _LENGTH_BUCKETS),
+)
+
+
+class _RayMetric:
+    """prometheus-client's ``labels(...).inc/set/observe`` over a ``ray.util.metrics`` metric."""
+
+    def __init__(self, metric, keys: tuple[str, ...], tags: dict[str, str] | None = None):
+        self.metric, self.keys, self.tags = metric, keys, tags
+
+    def labels(self, *values: str) -> "_RayMetric":
+        return _RayMetric(self.metric, self.keys, dict(zip(self.keys, values)))
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount > 0:  # Ray's counters refuse zero
+            self.metric.inc(amount, tags=self.tags)
+
+    def set(self, value: float) -> None:
+        self.metric.set(value, tags=self.tags)
+
+    def observe(self, value: float) -> None:
+        self.metric.observe(value, tags=self.tags)
+
+
+def ray_name(spec_name: str) -> str:
+    return spec_name.replace(":", "_")
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("specasr:requests", "Finished HTTP requests by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("specasr:e2e_request_latency_seconds", "Time from request to last byte.",
-                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("specasr:time_to_first_token_seconds", "Streams: time from request to the first text.",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.audio_seconds = Counter("specasr:audio_seconds", "Seconds of audio transcribed.", registry=r)
-        self.rtf = Histogram("specasr:real_time_factor", "Engine time over audio duration, per request.",
-                             buckets=_RTF_BUCKETS, registry=r)
-        self.waiting = Gauge("specasr:num_requests_waiting", "Requests queued for the engine.", registry=r)
-        self.running = Gauge("specasr:num_requests_running", "Requests in the engine's current batch.", registry=r)
-        self.generation_tokens = Counter("specasr:generation_tokens", "Tokens generated.", registry=r)
-        self.target_passes = Counter("specasr:target_passes", "Target decoder passes after prefill.", registry=r)
-        self.drafts = Counter("specasr:spec_decode_num_drafts", "Verification passes that checked a draft.",
-                              registry=r)
-        self.draft_tokens = Counter("specasr:spec_decode_num_draft_tokens", "Drafted tokens verified.", registry=r)
-        self.accepted_tokens = Counter("specasr:spec_decode_num_accepted_tokens", "Drafted tokens accepted.",
-                                       registry=r)
-        self.recycled_tokens = Counter("specasr:spec_decode_num_recycled_tokens",
-                                       "Accepted tokens that came from draft recycling.", registry=r)
-        self.tree_nodes = Counter("specasr:spec_decode_num_tree_nodes", "Draft tree nodes verified.", registry=r)
-        self.draft_steps = Counter("specasr:spec_decode_num_draft_steps", "Sequential draft model steps.", registry=r)
-        self.acceptance_length = Histogram("specasr:spec_decode_acceptance_length",
-                                           "Accepted drafted tokens per verification pass.",
-                                           buckets=_LENGTH_BUCKETS, registry=r)
+    def __init__(self, backend: str = "prometheus") -> None:
+        self.backend = backend
+        self.registry = prom.CollectorRegistry()
+        for spec in METRICS:
+            setattr(self, spec.attr, self._make(spec))
+
+    def _make(self, spec: _Spec):
+        if self.backend == "ray":
+            from ray.util import metrics as ray_metrics
+
+            kwargs = {"description": spec.doc, "tag_keys": spec.labels}
+            if spec.kind == "histogram":
+                metric = ray_metrics.Histogram(ray_name(spec.name), boundaries=[b for b in spec.buckets if b > 0],
+                                               **kwargs)
+            else:
+                metric = {"counter": ray_metrics.Counter, "gauge": ray_metrics.Gauge}[spec.kind](ray_name(spec.name),
+                                                                                            **kwargs)
+            return _RayMetric(metric, spec.labels)
+        cls = {"counter": prom.Counter, "gauge": prom.Gauge, "histogram": prom.Histogram}[spec.kind]
+        extra = {"buckets": spec.buckets} if spec.kind == "histogram" else {}
+        return cls(spec.name, spec.doc, spec.labels, registry=self.registry, **extra)
 
     def observe_transcript(self, audio_seconds: float, engine_seconds: float, stats: SpecStats) -> None:
         self.audio_seconds.inc(audio_seconds)
@@ -64,12 +123,13 @@ class Metrics:
                 self.acceptance_length.observe(length)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The standalone registry in Prometheus' text format (empty under Ray: its agent exports)."""
+        return prom.generate_latest(self.registry)
 
 
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
 def metric_names() -> set[str]:
-    """Every series name the server exports (with their counter and histogram suffixes)."""
-    return {metric.name + suffix for metric in Metrics().registry.collect() for suffix in _SUFFIXES[metric.type]}
+    """Every series name the standalone server exports (with counter and histogram suffixes)."""
+    return {spec.name + suffix for spec in METRICS for suffix in _SUFFIXES[spec.kind]}

@@ -1,0 +1,282 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, spoken to with the official ``openai`` client.
+
+One server (whisper-base target, whisper-tiny.en draft, SpecASR) serves the whole module; every bad
+input is followed by a good request to show the server kept serving.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import threading
+import time
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from specasr_vllm.config import EngineConfig, ServerConfig, SpecConfig
+from specasr_vllm.engine import Transcriber
+from specasr_vllm.server import build_app
+
+pytestmark = pytest.mark.real
+
+SAMPLE_ID = "ls-1089-134686-0000"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(base, tiny_en):
+    transcriber = Transcriber(EngineConfig(method="specasr", spec=SpecConfig()), target=base, draft=tiny_en)
+    port = free_port()
+    app = build_app(transcriber, ServerConfig(port=port, max_queue=16))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not uv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, app=app, client=openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
+    uv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def sample(speech_dir):
+    return (speech_dir / f"{SAMPLE_ID}.flac").read_bytes()
+
+
+def transcribe(server, data: bytes, name: str = "a.flac", **kwargs):
+    return server.client.audio.transcriptions.create(file=(name, data), model=kwargs.pop("model", "whisper-1"), **kwargs)
+
+
+def still_serving(server, sample, expected: str) -> None:
+    assert transcribe(server, sample, language="en").text == expected
+
+
+def wav_bytes(seconds: float) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.zeros(int(seconds * 16000), dtype=np.int16).tobytes())
+    return buf.getvalue()
+
+
+def test_every_response_format(server, sample, base_ar):
+    expected = base_ar[SAMPLE_ID].text
+    assert transcribe(server, sample, language="en").text == expected
+    assert transcribe(server, sample, language="en", response_format="text").strip() == expected
+    verbose = transcribe(server, sample, language="en", response_format="verbose_json",
+                         timestamp_granularities=["segment"])
+    assert verbose.language == "english" and abs(verbose.duration - 10.435) < 0.01
+    assert " ".join(s.text for s in verbose.segments) == verbose.text
+    assert len(verbose.segments) >= 2 and verbose.segments[0].start == 0.0
+    for a, b in zip(verbose.segments, verbose.segments[1:]):
+        assert a.start < a.end <= b.start < b.end <= verbose.duration
+    for s in verbose.segments:
+        assert -1.0 < s.avg_logprob < 0 and 0.5 < s.compression_ratio < 2.4 and 0 <= s.no_speech_prob < 0.1
+    srt = transcribe(server, sample, language="en", response_format="srt")
+    assert srt.startswith("1\n00:00:00,000 --> ") and "\n\n2\n" in srt
+    vtt = transcribe(server, sample, language="en", response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    # the words of the timestamped decode are those of the plain one (timestamps change little text)
+    assert verbose.text.split()[:8] == expected.split()[:8]
+
+
+def test_language_detection_and_prompt(server, sample, base_ar):
+    assert transcribe(server, sample).text == base_ar[SAMPLE_ID].text  # detected as English
+    prompted = transcribe(server, sample, language="en", prompt="Stew, turnips, carrots, mutton.")
+    assert "stew" in prompted.text.lower() and "turnips" in prompted.text.lower()
+
+
+def test_streaming_deltas_add_up_to_the_transcript(server, speech_dir, base_ar):
+    long_id = "long-shakespeare-sonnet-001"
+    data = (speech_dir / f"{long_id}.flac").read_bytes()
+    events = list(transcribe(server, data, language="en", stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = [e for e in events if e.type == "transcript.text.done"]
+    assert len(done) == 1 and events[-1] is done[0]
+    assert len(deltas) == len(base_ar[long_id].segments) >= 2  # one delta per 30 s window
+    assert "".join(deltas) == done[0].text == base_ar[long_id].text
+
+
+def test_translation(server, speech_dir, manifest):
+    german = next(e for e in manifest if e.language == "de")
+    result = server.client.audio.translations.create(file=("de.flac", german.audio.read_bytes()), model="whisper-1")
+    words = result.text.lower().split()
+    assert len(words) > 50 and "the" in words and "und" not in words  # English out of German speech
+
+
+@pytest.mark.parametrize("case", [
+    "corrupt", "empty", "text_as_audio", "unsupported_format", "oversized", "overlong", "unknown_model",
+    "bad_language", "bad_temperature", "hot_temperature", "word_timestamps", "bad_format", "missing_file",
+])
+def test_bad_input_is_refused_precisely_and_the_server_keeps_serving(server, sample, base_ar, case):
+    expected = {  # status, param, start of the message
+        "corrupt": (400, "file", "bad.flac: not a decodable audio file"),
+        "empty": (400, "file", "The uploaded file 'empty.wav' is empty."),
+        "text_as_audio": (400, "file", "notes.wav: not a decodable audio file"),
+        "unsupported_format": (400, "file", "Invalid file format 'txt'."),
+        "oversized": (413, "file", "Maximum content size limit (25 MB) exceeded"),
+        "overlong": (400, "file", "long.wav: audio is longer than the limit of 600 s"),
+        "unknown_model": (404, "model", "The model 'whisper-huge' does not exist"),
+        "bad_language": (400, "language", "unsupported language 'klingon'"),
+        "bad_temperature": (400, "temperature", "temperature must be between 0 and 1, got 3."),
+        "hot_temperature": (400, "temperature", "Only temperature 0 is supported"),
+        "word_timestamps": (400, "timestamp_granularities", "Word timestamps are not supported"),
+        "bad_format": (400, "response_format", "Invalid response_format 'xml'"),
+        "missing_file": (400, "file", "Missing required parameter: 'file'."),
+    }[case]
+    requests = {
+        "corrupt": lambda: transcribe(server, sample[: len(sample) // 3][:200] + b"\0" * 500, "bad.flac"),
+        "empty": lambda: transcribe(server, b"", "empty.wav"),
+        "text_as_audio": lambda: transcribe(server, b"these are my meeting notes\n" * 20, "notes.wav"),
+        "unsupported_format": lambda: transcribe(server, sample, "audio.txt"),
+        "oversized": lambda: transcribe(server, b"\0" * 26_000_000, "big.wav"),
+        "overlong": lambda: transcribe(server, wav_bytes(601), "long.wav"),
+        "unknown_model": lambda: transcribe(server, sample, model="whisper-huge"),
+        "bad_language": lambda: transcribe(server, sample, language="klingon"),
+        "bad_temperature": lambda: transcribe(server, sample, temperature=3),
+        "hot_temperature": lambda: transcribe(server, sample, temperature=0.2),
+        "word_timestamps": lambda: transcribe(server, sample, response_format="verbose_json",
+                                              timestamp_granularities=["word"]),
+        "bad_format": lambda: httpx.post(f"{server.url}/v1/audio/transcriptions", files={"file": ("a.flac", sample)},
+                                         data={"model": "whisper-1", "response_format": "xml"}),
+        "missing_file": lambda: httpx.post(f"{server.url}/v1/audio/transcriptions", data={"model": "whisper-1"}),
+    }
+    status, param, message = expected
+    try:
+        response = requests[case]()
+    except openai.APIStatusError as exc:
+        response = exc.response
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(message), error
+    assert error["type"] == "invalid_request_error"
+    still_serving(server, sample, base_ar[SAMPLE_ID].text)
+
+
+def test_models_health_and_unknown_route(server):
+    ids = [m.id for m in server.client.models.list().data]
+    assert ids == ["whisper-base", "whisper-1"]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    missing = httpx.get(f"{server.url}/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
+
+
+def _metrics(server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + (str(sorted(s.labels.items())) if s.labels and "le" not in s.labels else "")
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def test_64_requests_at_concurrency_8_match_offline(server, manifest, dev_audio, base_ar):
+    entries = [e for e in manifest if e.language == "en"][:64]
+    before = _metrics(server)
+    ok = "specasr:requests_total[('endpoint', '/v1/audio/transcriptions'), ('status', '200')]"
+
+    def one(e):
+        return transcribe(server, e.audio.read_bytes(), e.audio.name, language="en").text
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(one, entries))
+    assert texts == [base_ar[e.id].text for e in entries]
+    after = _metrics(server)
+    assert after[ok] - before.get(ok, 0) == 64
+    audio = sum(len(dev_audio[e.id]) / 16000 for e in entries)
+    assert after["specasr:audio_seconds_total"] - before["specasr:audio_seconds_total"] == pytest.approx(audio, rel=1e-3)
+    assert after["specasr:real_time_factor_count"] - before["specasr:real_time_factor_count"] == 64
+    drafted = after["specasr:spec_decode_num_draft_tokens_total"] - before["specasr:spec_decode_num_draft_tokens_total"]
+    accepted = (after["specasr:spec_decode_num_accepted_tokens_total"]
+                - before["specasr:spec_decode_num_accepted_tokens_total"])
+    assert 0 < accepted <= drafted
+    assert after["specasr:spec_decode_acceptance_length_count"] > before["specasr:spec_decode_acceptance_length_count"]
+    assert after["specasr:generation_tokens_total"] - before["specasr:generation_tokens_total"] == sum(
+        len(base_ar[e.id].tokens) for e in entries)
+    assert after["specasr:num_requests_waiting"] == 0
+
+
+def test_overload_gets_503_with_retry_after_and_nothing_breaks(server, sample, base_ar):
+    def one(_):
+        try:
+            return transcribe(server, sample, language="en").text
+        except openai.APIStatusError as exc:
+            return exc.response
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(40)))
+    refused = [r for r in results if not isinstance(r, str)]
+    served = [r for r in results if isinstance(r, str)]
+    assert refused and served
+    assert all(r.status_code == 503 and r.headers["retry-after"] == "1" for r in refused)
+    assert all(r.json()["error"]["code"] == "overloaded" for r in refused)
+    assert set(served) == {base_ar[SAMPLE_ID].text}
+    still_serving(server, sample, base_ar[SAMPLE_ID].text)
+
+
+def test_api_key(base, tiny_en, sample):
+    """A second app over an AR engine, with a key: TestClient drives it without a socket."""
+    from fastapi.testclient import TestClient
+
+    app = build_app(Transcriber(target=base), ServerConfig(api_key="sk-test"))
+    with TestClient(app) as client:
+        files = {"file": ("a.flac", sample)}
+        refused = client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1"})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        wrong = client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1"},
+                            headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["message"] == "Incorrect API key provided."
+        good = client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1", "language": "en"},
+                           headers={"Authorization": "Bearer sk-test"})
+        assert good.status_code == 200 and "stew for dinner" in good.json()["text"]
+        assert client.get("/health").status_code == 200  # probes and scrapes need no key
+        assert client.get("/metrics").status_code == 200
+
+
+def test_specasr_serve_command(sample):
+    """The README's command, as a user runs it: a process that serves until stopped."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "specasr_vllm.cli", "serve", "--model", "whisper-tiny.en",
+                             "--method", "ar", "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "specasr serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        text = client.audio.transcriptions.create(file=("a.flac", sample), model="whisper-tiny.en").text
+        assert "stew for dinner" in text
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully on SIGTERM, then exits by that signal
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stdout.read()
