@@ -67,7 +67,7 @@ def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, se
     return [d.tokens for d in reference], [d.tokens for d in out], [drafter.stats(i) for i in range(batch)]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     vocab=st.sampled_from(["same", "other"]),
     adaptive=st.booleans(), recycling=st.booleans(), tree=st.booleans(), auto=st.booleans(),
@@ -91,7 +91,8 @@ def test_speculative_equals_target_greedy(pair_models, vocab, adaptive, recyclin
 def test_same_vocabulary_drafts_get_accepted(pair_models):
     """The perturbed copy agrees with the target often, so the machinery is really exercised."""
     target, draft = pair_models["same"]
-    spec = SpecConfig(fallback_after=10**6, tree_threshold=0.99, draft_vocab=None)  # random output uses all ids
+    # random output uses all ids; a fixed threshold keeps the drafting independent of measured timings
+    spec = SpecConfig(fallback_after=10**6, tree_threshold=0.99, draft_vocab=None, auto_threshold=False)
     reference, out, stats = run_both(target, draft, spec, 4, 0)
     assert out == reference
     assert sum(s.accepted_tokens for s in stats) > 0.5 * sum(len(r) for r in reference)

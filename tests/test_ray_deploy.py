@@ -1,0 +1,130 @@
+"""The Ray Serve deployment on a real local Ray cluster (127.0.0.1, started here, stopped after).
+
+Deployed with the README's ``specasr ray-serve`` command: two replicas; transcripts through Serve's
+HTTP proxy equal offline ones; one replica killed (SIGKILL) mid-load is replaced by Serve and every
+request ends in success (client retries counted and printed); the replicas' metrics reach Ray's
+metrics agent under the names the Grafana dashboard queries.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from test_deploy_files import dashboard_metrics
+from test_server import free_port
+
+pytestmark = pytest.mark.real
+
+BIN = Path(sys.executable).parent
+REPLICA = "ServeReplica:specasr:SpecASRServer"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--num-cpus=4", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
+                    f"--temp-dir={temp}"], check=True, env=env, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    try:
+        deploy = subprocess.run(
+            [BIN / "specasr", "ray-serve", "--address", address, "--http-host", "127.0.0.1", "--http-port",
+             str(http_port), "--min-replicas", "2", "--max-replicas", "2", "--num-cpus", "1", "--threads", "1"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert deploy.returncode == 0, deploy.stderr[-3000:]
+        assert f"serving on http://127.0.0.1:{http_port}/v1" in deploy.stdout
+        yield {"address": address, "url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}"}
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def replicas() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if any(REPLICA in part for part in p.info["cmdline"] or [])]
+
+
+def test_transcripts_through_serve_equal_offline(cluster, manifest, base_ar):
+    client = openai.OpenAI(base_url=f"{cluster['url']}/v1", api_key="unused")
+    entries = [e for e in manifest if e.language == "en"][:6]
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda e: client.audio.transcriptions.create(
+            file=(e.audio.name, e.audio.read_bytes()), model="whisper-1", language="en").text, entries))
+    assert texts == [base_ar[e.id].text for e in entries]
+    events = list(client.audio.transcriptions.create(file=(entries[0].audio.name, entries[0].audio.read_bytes()),
+                                                     model="whisper-1", language="en", stream=True))
+    assert events[-1].type == "transcript.text.done" and events[-1].text == base_ar[entries[0].id].text
+    assert len(replicas()) == 2
+
+
+def test_killed_replica_is_replaced_and_every_request_succeeds(cluster, manifest, base_ar):
+    client = openai.OpenAI(base_url=f"{cluster['url']}/v1", api_key="unused", max_retries=0, timeout=300)
+    entries = [e for e in manifest if e.language == "en"][:24]
+    retries, lock, done = [0], threading.Lock(), [0]
+
+    def one(e):
+        for _ in range(10):
+            try:
+                text = client.audio.transcriptions.create(file=(e.audio.name, e.audio.read_bytes()),
+                                                          model="whisper-1", language="en").text
+                with lock:
+                    done[0] += 1
+                return text
+            except (openai.APIConnectionError, openai.InternalServerError, openai.APIStatusError) as exc:
+                if isinstance(exc, openai.APIStatusError) and exc.status_code < 500:
+                    raise
+                with lock:
+                    retries[0] += 1
+                time.sleep(1)
+        raise AssertionError(f"{e.id}: failed 10 times")
+
+    victim = replicas()[0]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, e) for e in entries]
+        while done[0] < 4:
+            time.sleep(0.1)
+        killed_at = time.perf_counter()
+        os.kill(victim.pid, signal.SIGKILL)
+        texts = [f.result() for f in futures]
+    recovered = None
+    while recovered is None and time.perf_counter() - killed_at < 180:
+        alive = [p for p in replicas() if p.pid != victim.pid]
+        if len(alive) == 2 and _serves(cluster):
+            recovered = time.perf_counter() - killed_at
+        time.sleep(0.5)
+    print(f"\nfault test: {len(entries)} requests sent, {retries[0]} retried, 0 failed; "
+          f"replica replaced and serving {recovered:.1f} s after SIGKILL" if recovered else "not recovered")
+    assert texts == [base_ar[e.id].text for e in entries]
+    assert recovered is not None, "Serve did not bring the replica count back to 2"
+
+
+def _serves(cluster) -> bool:
+    try:
+        return httpx.get(f"{cluster['url']}/health", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_replica_metrics_reach_rays_agent_under_the_dashboards_names(cluster):
+    wanted = dashboard_metrics("ray_specasr_")
+    deadline, exported = time.time() + 90, set()
+    while time.time() < deadline:
+        text = httpx.get(f"{cluster['metrics']}/metrics", timeout=10).text
+        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_specasr_")}
+        if wanted <= exported:
+            break
+        time.sleep(5)
+    assert wanted <= exported, sorted(wanted - exported)
