@@ -67,7 +67,7 @@ def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, se
     return [d.tokens for d in reference], [d.tokens for d in out], [drafter.stats(i) for i in range(batch)]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     vocab=st.sampled_from(["same", "other"]),
     adaptive=st.booleans(), recycling=st.booleans(), tree=st.booleans(), auto=st.booleans(),

@@ -22,11 +22,11 @@ def _transformers_tokens(hf, audio, segment, language: str | None, eot: int) -> 
 
 
 def test_base_is_token_identical_to_transformers(base, base_dir, manifest, dev_audio, base_ar):
-    """Every window of every third dev file and of every long one (the whole set was checked once, in
-    session 1; a third keeps the suite inside its time budget)."""
+    """Every window of every fifth dev file and of every long one (the whole set was checked once, in
+    session 1; a fifth keeps the suite inside its time budget)."""
     hf = WhisperForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32).eval()
     mismatches = []
-    for e in [e for i, e in enumerate(manifest) if i % 3 == 0 or len(base_ar[e.id].segments) > 1]:
+    for e in [e for i, e in enumerate(manifest) if i % 5 == 0 or len(base_ar[e.id].segments) > 1]:
         for seg in base_ar[e.id].segments:
             ref = _transformers_tokens(hf, dev_audio[e.id], seg, e.language, base.tokenizer.eot)
             if ref != seg.tokens:
@@ -37,7 +37,7 @@ def test_base_is_token_identical_to_transformers(base, base_dir, manifest, dev_a
 
 def test_tiny_en_is_token_identical_to_transformers(tiny_en, tiny_en_dir, manifest, dev_audio):
     hf = WhisperForConditionalGeneration.from_pretrained(tiny_en_dir, dtype=torch.float32).eval()
-    entries = [e for e in manifest if e.language == "en"][:6]
+    entries = [e for e in manifest if e.language == "en"][:4]
     results = Transcriber(target=tiny_en).transcribe([dev_audio[e.id] for e in entries])
     for e, r in zip(entries, results):
         for seg in r.segments:
