@@ -123,46 +123,43 @@ def test_translation(server, speech_dir, manifest):
     assert len(words) > 50 and "the" in words and "und" not in words  # English out of German speech
 
 
-@pytest.mark.parametrize("case", [
-    "corrupt", "empty", "text_as_audio", "unsupported_format", "oversized", "overlong", "unknown_model",
-    "bad_language", "bad_temperature", "hot_temperature", "word_timestamps", "bad_format", "missing_file",
-])
+def _form(server, sample, **data):
+    return httpx.post(f"{server.url}/v1/audio/transcriptions", files={"file": ("a.flac", sample)} if sample else None,
+                      data={"model": "whisper-1", **data})
+
+
+BAD_INPUTS = {  # case: (status, param, start of the message, the request)
+    "corrupt": (400, "file", "bad.flac: not a decodable audio file",
+                lambda s, a: transcribe(s, a[:200] + b"\0" * 500, "bad.flac")),
+    "empty": (400, "file", "The uploaded file 'empty.wav' is empty.", lambda s, a: transcribe(s, b"", "empty.wav")),
+    "text_as_audio": (400, "file", "notes.wav: not a decodable audio file",
+                      lambda s, a: transcribe(s, b"these are my meeting notes\n" * 20, "notes.wav")),
+    "unsupported_format": (400, "file", "Invalid file format 'txt'.", lambda s, a: transcribe(s, a, "audio.txt")),
+    "oversized": (413, "file", "Maximum content size limit (25 MB) exceeded",
+                  lambda s, a: transcribe(s, b"\0" * 26_000_000, "big.wav")),
+    "overlong": (400, "file", "long.wav: audio is longer than the limit of 600 s",
+                 lambda s, a: transcribe(s, wav_bytes(601), "long.wav")),
+    "unknown_model": (404, "model", "The model 'whisper-huge' does not exist",
+                      lambda s, a: transcribe(s, a, model="whisper-huge")),
+    "bad_language": (400, "language", "unsupported language 'klingon'",
+                     lambda s, a: transcribe(s, a, language="klingon")),
+    "bad_temperature": (400, "temperature", "temperature must be between 0 and 1, got 3.",
+                        lambda s, a: transcribe(s, a, temperature=3)),
+    "hot_temperature": (400, "temperature", "Only temperature 0 is supported",
+                        lambda s, a: transcribe(s, a, temperature=0.2)),
+    "word_timestamps": (400, "timestamp_granularities", "Word timestamps are not supported",
+                        lambda s, a: transcribe(s, a, response_format="verbose_json", timestamp_granularities=["word"])),
+    "bad_format": (400, "response_format", "Invalid response_format 'xml'",
+                   lambda s, a: _form(s, a, response_format="xml")),
+    "missing_file": (400, "file", "Missing required parameter: 'file'.", lambda s, a: _form(s, None)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_refused_precisely_and_the_server_keeps_serving(server, sample, base_ar, case):
-    expected = {  # status, param, start of the message
-        "corrupt": (400, "file", "bad.flac: not a decodable audio file"),
-        "empty": (400, "file", "The uploaded file 'empty.wav' is empty."),
-        "text_as_audio": (400, "file", "notes.wav: not a decodable audio file"),
-        "unsupported_format": (400, "file", "Invalid file format 'txt'."),
-        "oversized": (413, "file", "Maximum content size limit (25 MB) exceeded"),
-        "overlong": (400, "file", "long.wav: audio is longer than the limit of 600 s"),
-        "unknown_model": (404, "model", "The model 'whisper-huge' does not exist"),
-        "bad_language": (400, "language", "unsupported language 'klingon'"),
-        "bad_temperature": (400, "temperature", "temperature must be between 0 and 1, got 3."),
-        "hot_temperature": (400, "temperature", "Only temperature 0 is supported"),
-        "word_timestamps": (400, "timestamp_granularities", "Word timestamps are not supported"),
-        "bad_format": (400, "response_format", "Invalid response_format 'xml'"),
-        "missing_file": (400, "file", "Missing required parameter: 'file'."),
-    }[case]
-    requests = {
-        "corrupt": lambda: transcribe(server, sample[: len(sample) // 3][:200] + b"\0" * 500, "bad.flac"),
-        "empty": lambda: transcribe(server, b"", "empty.wav"),
-        "text_as_audio": lambda: transcribe(server, b"these are my meeting notes\n" * 20, "notes.wav"),
-        "unsupported_format": lambda: transcribe(server, sample, "audio.txt"),
-        "oversized": lambda: transcribe(server, b"\0" * 26_000_000, "big.wav"),
-        "overlong": lambda: transcribe(server, wav_bytes(601), "long.wav"),
-        "unknown_model": lambda: transcribe(server, sample, model="whisper-huge"),
-        "bad_language": lambda: transcribe(server, sample, language="klingon"),
-        "bad_temperature": lambda: transcribe(server, sample, temperature=3),
-        "hot_temperature": lambda: transcribe(server, sample, temperature=0.2),
-        "word_timestamps": lambda: transcribe(server, sample, response_format="verbose_json",
-                                              timestamp_granularities=["word"]),
-        "bad_format": lambda: httpx.post(f"{server.url}/v1/audio/transcriptions", files={"file": ("a.flac", sample)},
-                                         data={"model": "whisper-1", "response_format": "xml"}),
-        "missing_file": lambda: httpx.post(f"{server.url}/v1/audio/transcriptions", data={"model": "whisper-1"}),
-    }
-    status, param, message = expected
+    status, param, message, request = BAD_INPUTS[case]
     try:
-        response = requests[case]()
+        response = request(server, sample)
     except openai.APIStatusError as exc:
         response = exc.response
     assert response.status_code == status, response.text
