@@ -5,6 +5,7 @@ Everything else imports from here instead of repeating a literal.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,3 +109,31 @@ class ServerConfig:
     batch_wait_ms: float = 5.0  # how long the engine waits to gather a batch after the first request
     retry_after_s: int = 1  # the Retry-After a rejected client is told
     metrics_backend: str = "prometheus"  # "ray" inside Ray Serve replicas (see server/metrics.py)
+
+
+VLLM_SETTINGS_FILE = "specasr.json"  # beside the target's weights in the directory vLLM serves
+
+
+@dataclass
+class VLLMPluginConfig:
+    """The SpecASR proposer's settings inside vLLM, read from ``specasr.json`` in the target's directory.
+
+    vLLM's ``speculative_config`` has no room for a draft model of a custom proposer or its knobs, so
+    they live beside the target's weights, where ``vllm serve <dir>`` finds them in every process.
+    ``specasr serve --engine vllm`` writes that file; without one, these defaults apply.
+    """
+
+    draft: str = DEFAULT_DRAFT  # a registry name or a local Hugging Face Whisper directory
+    method: str = "specasr"  # "specasr" (adaptive length + recycling) or "sd" (fixed length k)
+    spec: dict = field(default_factory=dict)  # SpecConfig overrides, e.g. {"max_draft": 16}
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "VLLMPluginConfig":
+        path = Path(model_dir) / VLLM_SETTINGS_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+
+    def spec_config(self) -> SpecConfig:
+        """vLLM verifies one chain per request (no tree attention in 0.32), and its continuous batching
+        joins draft caches row by row, which needs every row encoded over the same 30 s window."""
+        return SpecConfig.for_method(self.method, **{**self.spec, "tree": False, "draft_unpadded": False,
+                                                     "concurrent_draft": False})

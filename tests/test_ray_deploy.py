@@ -39,7 +39,8 @@ REPLICA = f"ServeReplica:specasr:{DEPLOYMENT}"
 def cluster():
     port, http_port, metrics_port = free_port(), free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # metrics reported every second: Ray's agent then expires a gauge not re-sent within 2 s
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_metrics_report_interval_ms": "1000"}
     subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     "--num-cpus=4", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
                     f"--temp-dir={temp}"], check=True, env=env, capture_output=True, timeout=120)
@@ -73,6 +74,26 @@ def test_transcripts_through_serve_equal_offline(cluster, manifest, base_ar):
                                                      model="whisper-1", language="en", stream=True))
     assert events[-1].type == "transcript.text.done" and events[-1].text == base_ar[entries[0].id].text
     assert len(replicas()) == 2
+
+
+def test_replica_metrics_reach_rays_agent_under_the_dashboards_names(cluster, manifest):
+    """Runs before the fault test: Ray's agent drops the series of a killed replica."""
+    wanted = dashboard_metrics("ray_specasr_")
+    entry = next(e for e in manifest if e.language == "en")
+    client = openai.OpenAI(base_url=f"{cluster['url']}/v1", api_key="unused")
+    list(client.audio.transcriptions.create(file=(entry.audio.name, entry.audio.read_bytes()), model="whisper-1",
+                                            language="en", stream=True))  # time to first token
+    deadline, exported = time.time() + 90, set()
+    while time.time() < deadline and not wanted <= (exported := _exported(cluster)):
+        time.sleep(2)
+    assert wanted <= exported, sorted(wanted - exported)
+    time.sleep(6)  # idle for three times Ray's gauge expiry: the replicas' queue gauges must still be there
+    assert wanted <= _exported(cluster), sorted(wanted - _exported(cluster))
+
+
+def _exported(cluster) -> set[str]:
+    text = httpx.get(f"{cluster['metrics']}/metrics", timeout=10).text
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_specasr_")}
 
 
 def test_killed_replica_is_replaced_and_every_request_succeeds(cluster, manifest, base_ar):
@@ -122,15 +143,3 @@ def _time_to_recover(killed_at: float) -> tuple[float, float]:
             return down, time.perf_counter() - killed_at
         time.sleep(0.25)
     raise AssertionError(f"Serve did not bring the replicas back to 2 running (down after {down} s)")
-
-
-def test_replica_metrics_reach_rays_agent_under_the_dashboards_names(cluster):
-    wanted = dashboard_metrics("ray_specasr_")
-    deadline, exported = time.time() + 90, set()
-    while time.time() < deadline:
-        text = httpx.get(f"{cluster['metrics']}/metrics", timeout=10).text
-        exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("ray_specasr_")}
-        if wanted <= exported:
-            break
-        time.sleep(5)
-    assert wanted <= exported, sorted(wanted - exported)

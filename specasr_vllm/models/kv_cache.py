@@ -5,7 +5,8 @@ Speculative decoding needs three things a plain cache lacks:
 - rollback (``crop``) after the target rejects part of a draft;
 - compaction (``keep``) after tree verification, where the accepted path is a scattered subset of
   the nodes just written.
-Rows can be selected (``select``) to drop finished requests from a batch or regroup requests.
+Rows can be selected (``select``) to drop finished requests from a batch or regroup requests, and
+appended (``cat``) when requests join a running batch (the vLLM proposer's continuous batching).
 """
 
 from __future__ import annotations
@@ -80,3 +81,12 @@ class DecoderCache:
             cross_v=self.cross_v.index_select(1, idx),
             lengths=self.lengths.index_select(0, idx),
         )
+
+    def cat(self, other: "DecoderCache") -> "DecoderCache":
+        """This cache's rows followed by ``other``'s (same shapes but the batch; cross-attention is unmasked,
+        so both must attend over the same number of audio frames)."""
+        if other.self_k.shape[2:] != self.self_k.shape[2:] or other.cross_k.shape[2:] != self.cross_k.shape[2:]:
+            raise ValueError(f"cannot join caches shaped {tuple(self.cross_k.shape)} and {tuple(other.cross_k.shape)}")
+        joined = {name: torch.cat([getattr(self, name), getattr(other, name)], dim=1)
+                  for name in ("self_k", "self_v", "cross_k", "cross_v")}
+        return DecoderCache(**joined, lengths=torch.cat([self.lengths, other.lengths]))

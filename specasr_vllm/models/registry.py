@@ -144,15 +144,23 @@ class ASRModel:
         return self.model.dims.n_mels
 
 
-def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ASRModel:
-    directory = resolve_model(name)
+def suppression_lists(directory: Path) -> tuple[list[int], list[int]]:
+    """Whisper's ``suppress_tokens`` and ``begin_suppress_tokens`` for a model directory."""
     config = json.loads((directory / "config.json").read_text())
     generation_path = directory / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    return (list(generation.get("suppress_tokens", config.get("suppress_tokens", []))),
+            list(generation.get("begin_suppress_tokens", config.get("begin_suppress_tokens", []))))
+
+
+def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ASRModel:
+    directory = resolve_model(name)
+    config = json.loads((directory / "config.json").read_text())
+    suppress, begin_suppress = suppression_lists(directory)
     return ASRModel(
         name=name,
         model=load_whisper(directory, device=device, dtype=dtype),
         tokenizer=WhisperTokenizer.from_dir(directory, config["vocab_size"]),
-        suppress_tokens=list(generation.get("suppress_tokens", config.get("suppress_tokens", []))),
-        begin_suppress_tokens=list(generation.get("begin_suppress_tokens", config.get("begin_suppress_tokens", []))),
+        suppress_tokens=suppress,
+        begin_suppress_tokens=begin_suppress,
     )

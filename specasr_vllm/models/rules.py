@@ -21,6 +21,26 @@ from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.tokenizer import TIME_PRECISION
 
 
+class Suppression:
+    """Whisper's token suppression alone: the rules that hold with or without timestamps.
+
+    The vLLM plugin applies exactly this to vLLM's logits, so vLLM and the embedded engine agree.
+    """
+
+    def __init__(self, vocab: int, suppress_tokens: list[int], begin_suppress_tokens: list[int],
+                 device: torch.device | str = "cpu"):
+        self.suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.suppress[[t for t in suppress_tokens if t < vocab]] = True
+        self.begin_suppress = self.suppress.clone()
+        self.begin_suppress[[t for t in begin_suppress_tokens if t < vocab]] = True
+
+    def mask(self, logits: torch.Tensor, first: torch.Tensor | bool = False) -> torch.Tensor:
+        """``logits`` (..., vocab) with forbidden tokens at -inf; ``first`` marks positions right after the prefix."""
+        first = torch.as_tensor(first, device=logits.device)
+        forbidden = torch.where(first[..., None], self.begin_suppress, self.suppress)
+        return logits.masked_fill(forbidden, float("-inf"))
+
+
 class WhisperRules:
     def __init__(self, asr: ASRModel):
         vocab = asr.model.dims.vocab_size
@@ -32,17 +52,9 @@ class WhisperRules:
         self.timestamp_begin = tok.timestamp_begin
         self.no_speech = tok.no_speech
         self.max_initial = self.timestamp_begin + round(MAX_INITIAL_TIMESTAMP / TIME_PRECISION)
-        self.suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
-        self.suppress[[t for t in asr.suppress_tokens if t < vocab]] = True
-        self.begin_suppress = self.suppress.clone()
-        self.begin_suppress[[t for t in asr.begin_suppress_tokens if t < vocab]] = True
+        self.suppression = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)
+        self.mask = self.suppression.mask
         self.language_ids = tok.language_ids
-
-    def mask(self, logits: torch.Tensor, first: torch.Tensor | bool = False) -> torch.Tensor:
-        """``logits`` (..., vocab) with forbidden tokens at -inf; ``first`` marks positions right after the prefix."""
-        first = torch.as_tensor(first, device=logits.device)
-        forbidden = torch.where(first[..., None], self.begin_suppress, self.suppress)
-        return logits.masked_fill(forbidden, float("-inf"))
 
     def timestamp_mask(self, logits: torch.Tensor, contexts: list[list[int]]) -> torch.Tensor:
         """(n, vocab) logits under the timestamp grammar; ``contexts[i]``: the tokens generated before row ``i``."""

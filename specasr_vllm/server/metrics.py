@@ -5,11 +5,15 @@
 - Ray Serve replicas: the same metrics through ``ray.util.metrics``, so every node's Ray metrics
   agent exports all its replicas together (a scrape of ``/metrics`` through Serve's proxy would see
   one random replica). Ray forbids ``:`` in names and adds its ``ray_`` namespace:
-  ``specasr:requests`` becomes ``ray_specasr_requests``.
+  ``specasr:requests`` becomes ``ray_specasr_requests``. Ray's agent forgets a gauge series that
+  has not been set for two report intervals (that is how it drops dead workers), so the replica
+  re-sends its gauges' last values every few seconds, and starts them at zero.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import prometheus_client as prom
@@ -79,6 +83,36 @@ class _RayMetric:
         self.metric.observe(value, tags=self.tags)
 
 
+class _RayGauge(_RayMetric):
+    """A Ray gauge that remembers its values so they can be re-sent before Ray's agent expires them."""
+
+    def __init__(self, metric, keys: tuple[str, ...], tags: dict[str, str] | None = None,
+                 values: dict[tuple, float] | None = None):
+        super().__init__(metric, keys, tags)
+        self.values = {} if values is None else values  # shared by every ``labels(...)`` child
+
+    def labels(self, *values: str) -> "_RayGauge":
+        return _RayGauge(self.metric, self.keys, dict(zip(self.keys, values)), self.values)
+
+    def set(self, value: float) -> None:
+        self.values[tuple(sorted((self.tags or {}).items()))] = value
+        super().set(value)
+
+    def resend(self) -> None:
+        for tags, value in list(self.values.items()):
+            self.metric.set(value, tags=dict(tags) or None)
+
+
+_GAUGE_RESEND_S = 2.0  # well inside Ray's expiry (two report intervals, at least 2 s)
+
+
+def _keep_sending(gauges: list[_RayGauge]) -> None:
+    while True:
+        time.sleep(_GAUGE_RESEND_S)
+        for gauge in gauges:
+            gauge.resend()
+
+
 def ray_name(spec_name: str) -> str:
     return spec_name.replace(":", "_")
 
@@ -89,6 +123,12 @@ class Metrics:
         self.registry = prom.CollectorRegistry()
         for spec in METRICS:
             setattr(self, spec.attr, self._make(spec))
+        if backend == "ray":
+            gauges = [getattr(self, spec.attr) for spec in METRICS if spec.kind == "gauge"]
+            for gauge in gauges:
+                if not gauge.keys:
+                    gauge.set(0)
+            threading.Thread(target=_keep_sending, args=(gauges,), name="specasr-gauges", daemon=True).start()
 
     def _make(self, spec: _Spec):
         if self.backend == "ray":
@@ -98,9 +138,10 @@ class Metrics:
             if spec.kind == "histogram":
                 metric = ray_metrics.Histogram(ray_name(spec.name), boundaries=[b for b in spec.buckets if b > 0],
                                                **kwargs)
+            elif spec.kind == "gauge":
+                return _RayGauge(ray_metrics.Gauge(ray_name(spec.name), **kwargs), spec.labels)
             else:
-                metric = {"counter": ray_metrics.Counter, "gauge": ray_metrics.Gauge}[spec.kind](ray_name(spec.name),
-                                                                                            **kwargs)
+                metric = ray_metrics.Counter(ray_name(spec.name), **kwargs)
             return _RayMetric(metric, spec.labels)
         cls = {"counter": prom.Counter, "gauge": prom.Gauge, "histogram": prom.Histogram}[spec.kind]
         extra = {"buckets": spec.buckets} if spec.kind == "histogram" else {}

@@ -82,28 +82,33 @@ class Drafter:
     def add(self, keys: list[Hashable], features: torch.Tensor | None, prefixes: list[list[int]],
             enabled: list[bool]) -> None:
         """Start requests with the draft encoder's output for each (``None`` if none is enabled);
-        disabled ones never draft."""
-        if self.cache is not None:
-            raise RuntimeError("requests are added once per batch")
+        disabled ones never draft. Requests may join while others are running (continuous batching)."""
         for key, prefix, on in zip(keys, prefixes, enabled):
             self.requests[key] = _Request(prefix=prefix, enabled=on)
             if not on:
                 self.requests[key].stats.fallback = "draft does not serve this language"
         rows = [i for i, on in enumerate(enabled) if on]
         if rows:
-            self.keys = [keys[i] for i in rows]
-            self.cache = self.draft.new_cache(features[rows])
+            cache = self.draft.new_cache(features[rows])
+            self.cache = cache if self.cache is None else self.cache.cat(cache)
+            self.keys += [keys[i] for i in rows]
 
     def stats(self, key: Hashable) -> SpecStats:
         return self.requests[key].stats
 
     def release(self, keys: list[Hashable]) -> None:
-        """Forget requests (finished, or fallen back to AR) and shrink the cache."""
+        """Stop drafting for requests (finished, or fallen back to AR) and shrink the cache; stats stay."""
         gone = set(keys)
         keep = [i for i, k in enumerate(self.keys) if k not in gone]
         if self.cache is not None and len(keep) < len(self.keys):
             self.keys = [self.keys[i] for i in keep]
             self.cache = self.cache.select(keep) if keep else None
+
+    def forget(self, keys: list[Hashable]) -> None:
+        """Release requests and drop their state and stats (a long-running engine's finished requests)."""
+        self.release(keys)
+        for key in keys:
+            self.requests.pop(key, None)
 
     # ---- one round -------------------------------------------------------------------------------
     def propose(self, outputs: dict[Hashable, list[int]], budgets: dict[Hashable, int]) -> dict[Hashable, DraftTree]:

@@ -1,0 +1,187 @@
+"""SpecASR as a vLLM speculative proposer: ``speculative_config={"method": "custom_class",
+"model": "specasr_vllm.vllm_plugin.SpecASRProposer", "num_speculative_tokens": K}``.
+
+vLLM calls ``propose`` once per step with each batch slot's tokens and newly sampled ids. What the
+plain hook lacks (request ids, the audio, notice of finished or preempted requests) the general
+plugin (``hooks.py``) hands over through ``bind`` just before each call, from the model runner.
+
+Per step: forget requests vLLM finished or preempted; start new ones (the draft encoder runs on the
+log-mel features vLLM computed for the target); turn how many of last step's draft tokens were
+accepted (the length of each slot's newly sampled ids, minus the bonus token) into the drafter's
+feedback; then ask the engine-agnostic ``Drafter`` (``spec/``: adaptive length, recycling, the token
+bridge) for each request's chain. vLLM 0.32 verifies one chain per request, so the tree's second pass
+is off and the proposer sends the chain; ``K`` caps its length, the adaptive rule picks it per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specasr_vllm.config import VLLMPluginConfig
+from specasr_vllm.models.registry import load_model
+from specasr_vllm.models.tokenizer import WhisperTokenizer
+from specasr_vllm.spec.acceptance import Acceptance
+from specasr_vllm.spec.adaptive import ConfidencePolicy, Costs, FixedLength
+from specasr_vllm.spec.bridge import IdentityBridge, make_bridge
+from specasr_vllm.spec.draft_model import DraftModel
+from specasr_vllm.spec.drafter import Drafter
+from specasr_vllm.spec.stats import SpecStats
+from specasr_vllm.spec.tree import DraftTree
+from specasr_vllm.vllm_plugin.version import check_vllm
+
+log = logging.getLogger(__name__)
+
+
+class SpecASRProposer:
+    def __init__(self, vllm_config: Any):
+        check_vllm()
+        model_config = vllm_config.model_config
+        _raise_if_not_whisper(model_config)
+        self.model_dir = Path(model_config.model)
+        self.settings = VLLMPluginConfig.load(self.model_dir)
+        self.max_draft = vllm_config.speculative_config.num_speculative_tokens
+        self.max_model_len = model_config.max_model_len
+        hf = model_config.hf_config
+        self.target_tokenizer = WhisperTokenizer.from_dir(self.model_dir, hf.vocab_size)
+        device = torch.device(vllm_config.device_config.device)
+        draft = load_model(self.settings.draft, device, torch.float32 if device.type == "cpu" else torch.float16)
+        _raise_if_mel_mismatch(hf.num_mel_bins, draft.n_mels, self.settings.draft)
+        spec = self.settings.spec_config()
+        self.costs = Costs()
+        policy = ConfidencePolicy(spec.threshold, cap=spec.max_draft, auto=spec.auto_threshold, costs=self.costs) \
+            if spec.adaptive else FixedLength(spec.k)
+        bridge = make_bridge(self.target_tokenizer, draft.tokenizer)
+        self.drafter = Drafter(DraftModel(draft, spec), bridge, spec, policy, self.costs)
+        self.draft_timestamps = isinstance(bridge, IdentityBridge)  # else the bridge carries text only
+        self.runner: Any = None
+        self.scheduler_output: Any = None
+        self._prompt_len: dict[str, int] = {}
+        self._last: dict[str, DraftTree] = {}  # each request's chain from the previous step
+        self._step_done: float | None = None
+        self.totals = SpecStats()  # over finished requests
+        self.draft_lengths: Counter = Counter()  # tokens proposed per (request, step), zero included
+        log.info("SpecASR proposer: draft %s, method %s, up to %d tokens per step",
+                 self.settings.draft, self.settings.method, self.max_draft)
+
+    def load_model(self, target_model: Any) -> None:
+        """vLLM hands over the target here; the draft was loaded in ``__init__`` from ``specasr.json``."""
+
+    def bind(self, runner: Any, scheduler_output: Any) -> None:
+        """The model runner and this step's scheduler output (called by ``hooks.py`` before ``propose``)."""
+        self.runner, self.scheduler_output = runner, scheduler_output
+
+    @torch.inference_mode()
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray, token_ids_cpu: np.ndarray,
+                slot_mappings: Any = None) -> list[list[int]]:
+        """Draft tokens per batch slot (possibly none), after each slot's newest sampled tokens."""
+        self._raise_if_unbound()
+        started = time.perf_counter()
+        if self._step_done is not None:  # the time since the last proposal went into the target's step
+            self.costs.observe(verify=started - self._step_done)
+        sched = self.scheduler_output
+        self._forget(set(sched.finished_req_ids) | set(sched.preempted_req_ids or ()))
+        req_ids = list(self.runner.input_batch.req_ids[: len(sampled_token_ids)])
+        self._start([(row, rid) for row, rid in enumerate(req_ids) if rid not in self._prompt_len])
+        outputs, budgets = {}, {}
+        for row, rid in enumerate(req_ids):
+            sampled = sampled_token_ids[row]
+            if not sampled:  # a partial prefill or a discarded step: nothing new to draft after
+                continue
+            self._feedback(rid, sampled)
+            end = int(num_tokens_no_spec[row])
+            outputs[rid] = token_ids_cpu[row, self._prompt_len[rid] : end].tolist()
+            budgets[rid] = min(self.max_draft, self.max_model_len - end - 1)
+        trees = self.drafter.propose(outputs, budgets) if outputs else {}
+        drafts = []
+        for rid in req_ids:
+            tree = trees.get(rid)
+            tokens = list(tree.tokens) if tree is not None else []
+            if tree is not None:
+                self._last[rid] = tree
+                self.draft_lengths[len(tokens)] += 1
+            drafts.append(tokens)
+        self._step_done = time.perf_counter()
+        return drafts
+
+    # ---- request lifecycle ---------------------------------------------------------------------
+    def _start(self, new: list[tuple[int, str]]) -> None:
+        """Register requests seen for the first time: language and task from the decoder prompt, the
+        draft encoder over the target's log-mel features (taken now: vLLM frees them after the prefill)."""
+        if not new:
+            return
+        tok, draft_tok = self.target_tokenizer, self.drafter.tokenizer
+        drafting, idle = [], []
+        for _, rid in new:
+            state = self.runner.requests[rid]
+            prompt = list(state.prompt_token_ids or [])
+            self._prompt_len[rid] = len(prompt)
+            language = next((code for code, i in tok.language_ids.items() if i in prompt), "en")
+            task = "translate" if tok.translate in prompt else "transcribe"
+            timestamps = tok.no_timestamps not in prompt and self.draft_timestamps
+            prefix = draft_tok.prefix(language if draft_tok.multilingual else None, task, timestamps)
+            serves = draft_tok.multilingual or (language == "en" and task == "transcribe")
+            (drafting if serves else idle).append((rid, prefix, state))
+        if drafting:
+            model = self.drafter.draft.model
+            mels = torch.stack([_input_features(state) for _, _, state in drafting]).to(model.device, model.dtype)
+            self.drafter.add([rid for rid, _, _ in drafting], self.drafter.draft.encode(mels),
+                             [prefix for _, prefix, _ in drafting], [True] * len(drafting))
+        if idle:  # the draft does not serve their language or task: they decode as plain AR
+            self.drafter.add([rid for rid, _, _ in idle], None, [prefix for _, prefix, _ in idle], [False] * len(idle))
+
+    def _feedback(self, rid: str, sampled: list[int]) -> None:
+        """The target kept ``len(sampled) - 1`` tokens of the last chain (then its own bonus token)."""
+        stats = self.drafter.stats(rid)
+        stats.target_passes += 1
+        stats.output_tokens += len(sampled)
+        tree = self._last.pop(rid, None)
+        if tree is not None:
+            self.drafter.observe(rid, tree, Acceptance(nodes=list(range(len(sampled) - 1)), bonus=sampled[-1]))
+
+    def _forget(self, gone: set[str]) -> None:
+        known = [rid for rid in gone if rid in self._prompt_len]
+        for rid in known:
+            self.totals.merge(self.drafter.stats(rid))
+            del self._prompt_len[rid]
+            self._last.pop(rid, None)
+        self.drafter.forget(known)
+
+    def stats(self) -> dict:
+        """Totals over finished requests plus the draft-length histogram (for tests and benchmarks)."""
+        return {**self.totals.to_dict(), "draft_lengths": dict(sorted(self.draft_lengths.items()))}
+
+    # ---- guards ----------------------------------------------------------------------------------
+    def _raise_if_unbound(self) -> None:
+        if self.runner is None:
+            raise RuntimeError(
+                "SpecASRProposer needs the specasr_vllm general plugin (entry point 'vllm.general_plugins'), "
+                "which hands it request ids and audio; is specasr-vllm installed in this environment, and "
+                "VLLM_PLUGINS (if set) listing 'specasr'?")
+
+
+def _input_features(state: Any) -> torch.Tensor:
+    """The (n_mels, frames) log-mel features vLLM's Whisper processor made for the request's audio."""
+    for feature in state.mm_features:
+        if feature.data is not None and "input_features" in feature.data:
+            return feature.data["input_features"].data.squeeze(0)
+    raise RuntimeError(f"request {state.req_id} has no audio features (is the target a Whisper model?)")
+
+
+def _raise_if_not_whisper(model_config: Any) -> None:
+    kind = getattr(model_config.hf_config, "model_type", None)
+    if kind != "whisper":
+        raise ValueError(f"SpecASRProposer drafts for Whisper targets; this target is a {kind!r} model")
+
+
+def _raise_if_mel_mismatch(target_mels: int, draft_mels: int, draft: str) -> None:
+    if target_mels != draft_mels:
+        raise ValueError(
+            f"draft {draft!r} reads {draft_mels} mel bins but the target's features have {target_mels}; inside vLLM the "
+            "draft shares the target's features, so pick a draft with the same front end")
