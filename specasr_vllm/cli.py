@@ -143,6 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        return _serve_vllm(args)
     import uvicorn
 
     from specasr_vllm.engine import Transcriber
@@ -156,6 +158,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = build_app(Transcriber(_config(args)), config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
     return 0
+
+
+def _serve_vllm(args: argparse.Namespace) -> int:
+    """vLLM's OpenAI server over the target, drafting with SpecASR (README "vLLM")."""
+    from specasr_vllm.vllm_plugin import launch
+
+    names = [args.served_model_name or args.model, *ServerConfig().aliases]
+    tokens = args.k if args.method == "sd" else SpecConfig.max_draft
+    return launch.run(args.model, args.draft, args.method, tokens, host=args.host, port=args.port,
+                      served_names=names, api_key=args.api_key, print_only=args.print_command)
 
 
 def cmd_ray_serve(args: argparse.Namespace) -> int:
@@ -213,8 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(func=cmd_serve, method="specasr")
     defaults = ServerConfig()
-    p.add_argument("--engine", default="embedded", choices=["embedded"],
-                   help="embedded: target and draft in this process (the vLLM engine is not available yet)")
+    p.add_argument("--engine", default="embedded", choices=["embedded", "vllm"],
+                   help="embedded: this package's server and engine; vllm: vLLM's OpenAI server with the SpecASR "
+                        "proposer (pip install 'specasr-vllm[vllm]')")
+    p.add_argument("--print-command", action="store_true",
+                   help="with --engine vllm: print the 'vllm serve' command instead of running it")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SPECASR_API_KEY)")

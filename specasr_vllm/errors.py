@@ -27,3 +27,7 @@ class InvalidRequestError(SpecASRError):
 
 class AudioTooLongError(AudioDecodeError):
     """The audio is longer than the configured limit."""
+
+
+class UnsupportedVLLMError(SpecASRError):
+    """vLLM is missing, or a version the plugin's hooks were not written for."""

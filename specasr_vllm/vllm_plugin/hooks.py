@@ -22,7 +22,8 @@ import torch
 
 from specasr_vllm.models.registry import suppression_lists
 from specasr_vllm.models.rules import Suppression
-from specasr_vllm.vllm_plugin.version import UnsupportedVLLMError, check_vllm
+from specasr_vllm.errors import UnsupportedVLLMError
+from specasr_vllm.vllm_plugin.version import check_vllm
 
 log = logging.getLogger(__name__)
 _PATCHED = "_specasr_patched"

