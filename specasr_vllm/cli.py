@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -167,7 +168,8 @@ def _serve_vllm(args: argparse.Namespace) -> int:
     names = [args.served_model_name or args.model, *ServerConfig().aliases]
     tokens = args.k if args.method == "sd" else SpecConfig.max_draft
     return launch.run(args.model, args.draft, args.method, tokens, host=args.host, port=args.port,
-                      served_names=names, api_key=args.api_key, print_only=args.print_command)
+                      served_names=names, api_key=args.api_key, extra=shlex.split(args.vllm_args),
+                      print_only=args.print_command)
 
 
 def cmd_ray_serve(args: argparse.Namespace) -> int:
@@ -228,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="embedded", choices=["embedded", "vllm"],
                    help="embedded: this package's server and engine; vllm: vLLM's OpenAI server with the SpecASR "
                         "proposer (pip install 'specasr-vllm[vllm]')")
+    p.add_argument("--vllm-args", default="", help="with --engine vllm: more 'vllm serve' options, one string "
+                                                   "(e.g. \"--enforce-eager --max-num-seqs 32\")")
     p.add_argument("--print-command", action="store_true",
                    help="with --engine vllm: print the 'vllm serve' command instead of running it")
     p.add_argument("--host", default=defaults.host)

@@ -113,6 +113,23 @@ def test_select_rows(lean):
     assert torch.allclose(nxt[:, 0], ref[:, -1], atol=1e-5)
 
 
+def test_cat_rows_joins_requests_mid_decode(lean):
+    """A request joining a running batch (vLLM's continuous batching) decodes as if it had been alone."""
+    mel = torch.randn(2, lean.dims.n_mels, 3000)
+    tokens = torch.randint(0, 50000, (2, 5))
+    _, first = _fresh(lean, mel[:1], tokens[:1])
+    _, second = _fresh(lean, mel[1:], tokens[1:, :3])  # a shorter history: rows keep their own lengths
+    joined = first.cat(second)
+    assert joined.lengths.tolist() == [5, 3]
+    nxt = lean.decode(torch.tensor([[7], [8]]), joined)
+    ref0, _ = _fresh(lean, mel[:1], torch.cat([tokens[:1], torch.tensor([[7]])], 1))
+    ref1, _ = _fresh(lean, mel[1:], torch.cat([tokens[1:, :3], torch.tensor([[8]])], 1))
+    assert torch.allclose(nxt[0, 0], ref0[0, -1], atol=1e-5) and torch.allclose(nxt[1, 0], ref1[0, -1], atol=1e-5)
+    short = lean.new_cache(lean.encode(mel[:1, :, :1000]))
+    with pytest.raises(ValueError, match="cannot join caches"):
+        first.cat(short)
+
+
 def test_short_audio_encoder_uses_leading_positions(lean):
     mel = torch.randn(1, lean.dims.n_mels, 3000)
     assert lean.encode(mel[:, :, :1000]).shape == (1, 500, lean.dims.d_model)

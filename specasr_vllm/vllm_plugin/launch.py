@@ -54,7 +54,7 @@ def speculative_config(method: str, num_tokens: int) -> dict | None:
 
 
 def command(model_dir: Path, method: str, num_tokens: int, *, host: str, port: int, served_names: list[str],
-            api_key: str | None = None) -> list[str]:
+            api_key: str | None = None, extra: list[str] = ()) -> list[str]:
     """The ``vllm serve`` command line for a serving directory."""
     args = ["vllm", "serve", str(model_dir), "--host", host, "--port", str(port), "--dtype", "float32",
             "--max-model-len", str(MAX_TARGET_POSITIONS), "--served-model-name", *served_names]
@@ -64,7 +64,7 @@ def command(model_dir: Path, method: str, num_tokens: int, *, host: str, port: i
         args += ["--speculative-config", json.dumps(spec)]
     if api_key:
         args += ["--api-key", api_key]
-    return args
+    return args + list(extra)
 
 
 def environment() -> dict[str, str]:
@@ -76,12 +76,12 @@ def environment() -> dict[str, str]:
 
 
 def run(model: str, draft: str, method: str, num_tokens: int, *, host: str, port: int, served_names: list[str],
-        api_key: str | None = None, print_only: bool = False) -> int:
+        api_key: str | None = None, extra: list[str] = (), print_only: bool = False) -> int:
     """Exec ``vllm serve`` (or print the command and the environment it needs)."""
     check_vllm()
     settings = VLLMPluginConfig(draft=draft, method="sd" if method == "sd" else "specasr")
     argv = command(serving_dir(model, settings), method, num_tokens, host=host, port=port,
-                   served_names=served_names, api_key=api_key)
+                   served_names=served_names, api_key=api_key, extra=extra)
     env = environment()
     if print_only:
         bind = env.get("VLLM_CPU_OMP_THREADS_BIND")

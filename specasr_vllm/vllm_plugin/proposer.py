@@ -67,6 +67,8 @@ class SpecASRProposer:
         self._step_done: float | None = None
         self.totals = SpecStats()  # over finished requests
         self.draft_lengths: Counter = Counter()  # tokens proposed per (request, step), zero included
+        self.fallbacks: Counter = Counter()  # requests that stopped (or never started) drafting, by reason
+        self.steps, self.seconds = 0, 0.0  # propose calls and the time spent in them
         log.info("SpecASR proposer: draft %s, method %s, up to %d tokens per step",
                  self.settings.draft, self.settings.method, self.max_draft)
 
@@ -108,6 +110,8 @@ class SpecASRProposer:
                 self.draft_lengths[len(tokens)] += 1
             drafts.append(tokens)
         self._step_done = time.perf_counter()
+        self.steps += 1
+        self.seconds += self._step_done - started
         return drafts
 
     # ---- request lifecycle ---------------------------------------------------------------------
@@ -148,14 +152,26 @@ class SpecASRProposer:
     def _forget(self, gone: set[str]) -> None:
         known = [rid for rid in gone if rid in self._prompt_len]
         for rid in known:
-            self.totals.merge(self.drafter.stats(rid))
+            stats = self.drafter.stats(rid)
+            self.totals.merge(stats)
+            self.fallbacks[stats.fallback] += stats.fallback is not None
             del self._prompt_len[rid]
             self._last.pop(rid, None)
         self.drafter.forget(known)
 
     def stats(self) -> dict:
-        """Totals over finished requests plus the draft-length histogram (for tests and benchmarks)."""
-        return {**self.totals.to_dict(), "draft_lengths": dict(sorted(self.draft_lengths.items()))}
+        """Counters over every request seen (finished and live), the draft-length histogram, the
+        fallbacks and the proposer's own cost per step (for tests, benchmarks and logs)."""
+        totals, fallbacks = SpecStats(), Counter(self.fallbacks)
+        totals.merge(self.totals)
+        for rid in self._prompt_len:
+            live = self.drafter.stats(rid)
+            totals.merge(live)
+            fallbacks[live.fallback] += live.fallback is not None
+        merged = {k: v for k, v in totals.to_dict().items() if k != "fallback"}  # see "fallbacks"
+        return {**merged, "draft_lengths": dict(sorted(self.draft_lengths.items())),
+                "fallbacks": {k: v for k, v in fallbacks.items() if v}, "steps": self.steps,
+                "ms_per_step": 1000 * self.seconds / self.steps if self.steps else None}
 
     # ---- guards ----------------------------------------------------------------------------------
     def _raise_if_unbound(self) -> None:

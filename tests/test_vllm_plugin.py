@@ -1,0 +1,119 @@
+"""The SpecASR proposer inside vLLM 0.32 on this CPU (target whisper-base, draft whisper-tiny.en).
+
+One vLLM engine per method, each in its own process (``specasr_vllm.vllm_plugin.offline``), over
+every fifth English dev file up to 30 s (one window, like vLLM's offline engine) plus the German one: vLLM + SpecASR gives exactly vLLM's own
+tokens, vLLM alone gives the embedded engine's tokens (Whisper's suppression applied by the plugin),
+vLLM's ``spec_decode`` counters agree with the proposer's, draft lengths vary per request and step,
+recycled tokens are counted, and the German request never drafts. Then the one-command server:
+``specasr serve --engine vllm`` answers ``/v1/audio/transcriptions`` and counts drafts at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from specasr_vllm.vllm_plugin.version import installed_vllm
+from test_server import free_port
+
+pytestmark = [pytest.mark.real,
+              pytest.mark.skipif(installed_vllm() is None, reason="vLLM is not installed (.ci/setup installs it)")]
+
+BIN = Path(sys.executable).parent
+EOT = 50257
+
+
+@pytest.fixture(scope="module")
+def selection(manifest):
+    english = [e for e in manifest if e.language == "en" and e.duration <= 30][::5]
+    german = next(e for e in manifest if e.language == "de")  # 68 s: vLLM's engine decodes its first 30 s
+    return english + [german]
+
+
+def _offline(method: str, selection, tmp: Path) -> dict:
+    out = tmp / f"{method}.json"
+    ids = [e.id for e in selection]
+    run = subprocess.run([sys.executable, "-m", "specasr_vllm.vllm_plugin.offline", "--method", method, "--ids", *ids,
+                          "--eager", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert sorted(report["tokens"]) == sorted(ids)
+    return report
+
+
+@pytest.fixture(scope="module")
+def runs(selection, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm")
+    return {method: _offline(method, selection, tmp) for method in ("ar", "specasr")}
+
+
+def test_specasr_in_vllm_is_token_identical_to_vllm_alone(runs, selection):
+    ar, spec = runs["ar"]["tokens"], runs["specasr"]["tokens"]
+    assert [e.id for e in selection if spec[e.id] != ar[e.id]] == []
+    assert all(ar[e.id][-1] == EOT for e in selection)
+
+
+def test_vllm_alone_gives_the_embedded_engines_tokens(runs, selection, base_ar):
+    ar = runs["ar"]["tokens"]
+    english = [e for e in selection if e.language == "en"]
+    assert [e.id for e in english if [t for t in ar[e.id] if t != EOT] != base_ar[e.id].tokens] == []
+
+
+def test_spec_decode_metrics_count_the_proposers_drafts(runs):
+    vllm, ours = runs["specasr"]["spec_decode"], runs["specasr"]["proposer"]
+    assert vllm["vllm:spec_decode_num_drafts"] > 0
+    assert vllm["vllm:spec_decode_num_draft_tokens"] == ours["drafted_tokens"]
+    assert vllm["vllm:spec_decode_num_accepted_tokens"] == ours["accepted_tokens"]
+    assert 0.5 * ours["drafted_tokens"] < ours["accepted_tokens"] <= ours["drafted_tokens"]
+    assert runs["ar"]["spec_decode"] == {}  # vLLM alone has no speculation to count
+
+
+def test_draft_lengths_vary_and_recycled_tokens_are_counted(runs):
+    ours = runs["specasr"]["proposer"]
+    drafted_lengths = {int(n) for n, count in ours["draft_lengths"].items() if int(n) > 0 and count}
+    assert len(drafted_lengths) >= 5, ours["draft_lengths"]  # adaptive: the length is chosen per request and step
+    assert 0 < ours["recycled_accepted"] <= ours["accepted_tokens"]
+    assert ours["ms_per_step"] > 0
+
+
+def test_german_request_never_drafts(runs):
+    # tiny.en cannot serve German: that request decodes as plain vLLM, with no draft model work
+    assert runs["specasr"]["proposer"]["fallbacks"] == {"draft does not serve this language": 1}
+
+
+def test_specasr_serve_engine_vllm_answers_transcriptions(selection, runs, base, tmp_path):
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([BIN / "specasr", "serve", "--engine", "vllm", "--port", str(port),
+                               "--vllm-args", "--enforce-eager"], stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        entry = selection[0]
+        text = client.audio.transcriptions.create(file=(entry.audio.name, entry.audio.read_bytes()),
+                                                  model="whisper-1", language="en").text
+        expected = base.tokenizer.decode(runs["ar"]["tokens"][entry.id])
+        assert text.strip() == expected.strip()
+        metrics = httpx.get(f"{url}/metrics").text
+        drafts = [line for line in metrics.splitlines() if line.startswith("vllm:spec_decode_num_drafts_total")]
+        assert drafts and float(drafts[0].rsplit(" ", 1)[1]) > 0
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
