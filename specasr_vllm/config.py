@@ -22,6 +22,7 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3 000 mel frames in one window
 
 # --- decoding ---
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder length limit, prefix included
+DRAFT_MARGIN_FRAMES = 100  # 1 s of context past the audio's end for the draft's unpadded encoder
 MAX_INITIAL_TIMESTAMP = 1.0  # seconds: the latest a window's first timestamp may be (Whisper's default)
 
 # --- models ---
@@ -126,6 +127,8 @@ class VLLMPluginConfig:
     draft: str = DEFAULT_DRAFT  # a registry name or a local Hugging Face Whisper directory
     method: str = "specasr"  # "specasr" (adaptive length + recycling) or "sd" (fixed length k)
     spec: dict = field(default_factory=dict)  # SpecConfig overrides, e.g. {"max_draft": 16}
+    max_batch: int = 4  # draft only while at most this many requests decode together: a full batch keeps
+    # the CPU busy already, and verifying drafts for all of it costs more than it saves (benchmarks/)
 
     @classmethod
     def load(cls, model_dir: Path) -> "VLLMPluginConfig":
@@ -133,7 +136,5 @@ class VLLMPluginConfig:
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
     def spec_config(self) -> SpecConfig:
-        """vLLM verifies one chain per request (no tree attention in 0.32), and its continuous batching
-        joins draft caches row by row, which needs every row encoded over the same 30 s window."""
-        return SpecConfig.for_method(self.method, **{**self.spec, "tree": False, "draft_unpadded": False,
-                                                     "concurrent_draft": False})
+        """vLLM verifies one chain per request (no tree attention in 0.32) and owns the threads."""
+        return SpecConfig.for_method(self.method, **{**self.spec, "tree": False, "concurrent_draft": False})

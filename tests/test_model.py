@@ -125,9 +125,15 @@ def test_cat_rows_joins_requests_mid_decode(lean):
     ref0, _ = _fresh(lean, mel[:1], torch.cat([tokens[:1], torch.tensor([[7]])], 1))
     ref1, _ = _fresh(lean, mel[1:], torch.cat([tokens[1:, :3], torch.tensor([[8]])], 1))
     assert torch.allclose(nxt[0, 0], ref0[0, -1], atol=1e-5) and torch.allclose(nxt[1, 0], ref1[0, -1], atol=1e-5)
-    short = lean.new_cache(lean.encode(mel[:1, :, :1000]))
-    with pytest.raises(ValueError, match="cannot join caches"):
-        first.cat(short)
+    # a row encoded over fewer frames (unpadded audio) joins padded and masked, decoding as it did alone
+    short = lean.new_cache(lean.encode(mel[1:, :, :1000]))
+    lean.decode(tokens[1:, :3], short)
+    mixed = first.cat(short)
+    assert mixed.cross_valid.sum(1).tolist() == [1500, 500]
+    nxt = lean.decode(torch.tensor([[7], [8]]), mixed)
+    alone = lean.new_cache(lean.encode(mel[1:, :, :1000]))
+    ref1 = lean.decode(torch.cat([tokens[1:, :3], torch.tensor([[8]])], 1), alone)
+    assert torch.allclose(nxt[0, 0], ref0[0, -1], atol=1e-5) and torch.allclose(nxt[1, 0], ref1[0, -1], atol=1e-5)
 
 
 def test_short_audio_encoder_uses_leading_positions(lean):

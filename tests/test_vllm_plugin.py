@@ -117,3 +117,12 @@ def test_specasr_serve_engine_vllm_answers_transcriptions(selection, runs, base,
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_install_leaves_a_working_vllm_cli():
+    # `python -m specasr_vllm.vllm_plugin.install` (run by .ci/setup) made the CLI's version lookup work
+    # and removed the CUDA-only torchvision/torchaudio/torchcodec that cannot import on this machine
+    done = subprocess.run([BIN / "vllm", "--version"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith(installed_vllm().split("+")[0])
+    from transformers import WhisperProcessor  # noqa: F401 - vLLM's audio processor imports (it failed before)

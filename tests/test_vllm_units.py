@@ -87,6 +87,13 @@ def test_plugin_config_sends_a_chain_and_reads_specasr_json(tmp_path):
     assert (loaded.draft, loaded.method, loaded.spec_config().max_draft) == ("some/dir", "specasr", 12)
 
 
+def test_audio_frames_finds_where_the_padding_starts(manifest, dev_audio):
+    entry = next(e for e in manifest if e.duration < 20)
+    frames = proposer.audio_frames(log_mel_spectrogram(dev_audio[entry.id]))
+    assert abs(frames - (entry.duration * 100 + 100)) <= 4  # 100 frames a second, plus the margin
+    assert proposer.audio_frames(log_mel_spectrogram(np.zeros(16000 * 40, dtype=np.float32))) == 100
+
+
 def test_serving_dir_links_the_target_and_holds_the_settings(base_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
     settings = VLLMPluginConfig(draft="whisper-tiny.en", method="sd")
@@ -165,6 +172,8 @@ def test_proposer_through_a_fake_runner(fake_vllm, base, manifest, dev_audio, ba
         for lang, row in (("en", 0), ("de", 1)):
             slots.append(row, sampled[lang])
             done[lang] += len(sampled[lang])
+    p.bind(runner, SimpleNamespace(finished_req_ids=set(), preempted_req_ids=None))
+    p.propose([sampled["en"], sampled["de"]], slots.lengths.copy(), slots.tokens)  # delivers the last acceptance
     p.bind(runner, SimpleNamespace(finished_req_ids={"en"}, preempted_req_ids=None))
     runner.input_batch.req_ids = ["de"]
     assert p.propose([sampled["de"]], slots.lengths[1:].copy(), slots.tokens[1:]) == [[]]
@@ -172,4 +181,4 @@ def test_proposer_through_a_fake_runner(fake_vllm, base, manifest, dev_audio, ba
     assert stats["accepted_tokens"] == accepted_total > 5  # the feedback counted what the "target" kept
     assert stats["fallbacks"] == {"draft does not serve this language": 1}
     assert "en" not in p.drafter.requests and "en" not in p._prompt_len  # the finished request is forgotten
-    assert stats["steps"] == 7 and stats["ms_per_step"] > 0
+    assert stats["steps"] == 8 and stats["ms_per_step"] > 0

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from specasr_vllm.audio import log_mel_spectrogram, split_points
-from specasr_vllm.config import DEFAULT_DRAFT, HOP_LENGTH, METHODS, N_FRAMES, SAMPLE_RATE, EngineConfig
+from specasr_vllm.config import DEFAULT_DRAFT, DRAFT_MARGIN_FRAMES, HOP_LENGTH, METHODS, N_FRAMES, SAMPLE_RATE, EngineConfig
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.segments import Segment, window_segments
 from specasr_vllm.engine.speculative import decode_speculative
@@ -24,8 +24,6 @@ from specasr_vllm.spec.bridge import IdentityBridge, make_bridge
 from specasr_vllm.spec.draft_model import DraftModel
 from specasr_vllm.spec.drafter import Drafter
 from specasr_vllm.spec.stats import SpecStats
-
-DRAFT_MARGIN_FRAMES = 100  # 1 s of context past the audio's end for the draft's unpadded encoder
 
 
 @contextmanager

@@ -14,17 +14,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
 class DecoderCache:
-    """All tensors are (layers, batch, heads, positions, head_dim); ``lengths`` is (batch,)."""
+    """All tensors are (layers, batch, heads, positions, head_dim); ``lengths`` is (batch,).
+
+    ``cross_valid`` (batch, frames), when set, marks the audio frames each row really has: rows whose
+    audio was encoded over fewer frames are padded, and cross-attention must not see the padding.
+    """
 
     self_k: torch.Tensor
     self_v: torch.Tensor
     cross_k: torch.Tensor
     cross_v: torch.Tensor
     lengths: torch.Tensor
+    cross_valid: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, cross_k: torch.Tensor, cross_v: torch.Tensor, capacity: int) -> "DecoderCache":
@@ -80,13 +86,27 @@ class DecoderCache:
             cross_k=self.cross_k.index_select(1, idx),
             cross_v=self.cross_v.index_select(1, idx),
             lengths=self.lengths.index_select(0, idx),
+            cross_valid=None if self.cross_valid is None else self.cross_valid.index_select(0, idx),
         )
 
     def cat(self, other: "DecoderCache") -> "DecoderCache":
-        """This cache's rows followed by ``other``'s (same shapes but the batch; cross-attention is unmasked,
-        so both must attend over the same number of audio frames)."""
-        if other.self_k.shape[2:] != self.self_k.shape[2:] or other.cross_k.shape[2:] != self.cross_k.shape[2:]:
-            raise ValueError(f"cannot join caches shaped {tuple(self.cross_k.shape)} and {tuple(other.cross_k.shape)}")
-        joined = {name: torch.cat([getattr(self, name), getattr(other, name)], dim=1)
-                  for name in ("self_k", "self_v", "cross_k", "cross_v")}
-        return DecoderCache(**joined, lengths=torch.cat([self.lengths, other.lengths]))
+        """This cache's rows followed by ``other``'s; audio encoded over different frame counts is padded
+        to the longer one and masked (``cross_valid``)."""
+        if other.self_k.shape[2:] != self.self_k.shape[2:] or other.cross_k.shape[4] != self.cross_k.shape[4]:
+            raise ValueError(f"cannot join caches shaped {tuple(self.self_k.shape)} and {tuple(other.self_k.shape)}")
+        frames = max(self.cross_k.shape[3], other.cross_k.shape[3])
+        parts = [self._padded_cross(frames), other._padded_cross(frames)]
+        joined = {name: torch.cat([getattr(self, name), getattr(other, name)], dim=1) for name in ("self_k", "self_v")}
+        return DecoderCache(**joined, cross_k=torch.cat([p[0] for p in parts], dim=1),
+                            cross_v=torch.cat([p[1] for p in parts], dim=1),
+                            lengths=torch.cat([self.lengths, other.lengths]),
+                            cross_valid=torch.cat([p[2] for p in parts]))
+
+    def _padded_cross(self, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        have = self.cross_k.shape[3]
+        valid = self.cross_valid if self.cross_valid is not None else \
+            torch.ones(self.batch_size, have, dtype=torch.bool, device=self.cross_k.device)
+        if have == frames:
+            return self.cross_k, self.cross_v, valid
+        pad = (0, 0, 0, frames - have)
+        return (F.pad(self.cross_k, pad), F.pad(self.cross_v, pad), F.pad(valid, (0, frames - have), value=False))

@@ -95,7 +95,8 @@ class DecoderLayer(nn.Module):
         cache.write(layer, a.split(a.k_proj(h)), a.split(a.v_proj(h)))
         x = x + a.attend(a.q_proj(h), cache.self_k[layer, :, :, :span], cache.self_v[layer, :, :, :span], mask)
         c = self.encoder_attn
-        x = x + c.attend(c.q_proj(self.encoder_attn_layer_norm(x)), cache.cross_k[layer], cache.cross_v[layer])
+        audio = None if cache.cross_valid is None else cache.cross_valid[:, None, None, :]
+        x = x + c.attend(c.q_proj(self.encoder_attn_layer_norm(x)), cache.cross_k[layer], cache.cross_v[layer], audio)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 

@@ -81,17 +81,21 @@ class Drafter:
     # ---- request lifecycle -------------------------------------------------------------------
     def add(self, keys: list[Hashable], features: torch.Tensor | None, prefixes: list[list[int]],
             enabled: list[bool]) -> None:
-        """Start requests with the draft encoder's output for each (``None`` if none is enabled);
-        disabled ones never draft. Requests may join while others are running (continuous batching)."""
+        """Start requests with the draft encoder's output for each enabled one (or ``None``: attach it
+        later); disabled ones never draft. Requests may join while others run (continuous batching)."""
         for key, prefix, on in zip(keys, prefixes, enabled):
             self.requests[key] = _Request(prefix=prefix, enabled=on)
             if not on:
                 self.requests[key].stats.fallback = "draft does not serve this language"
         rows = [i for i, on in enumerate(enabled) if on]
-        if rows:
-            cache = self.draft.new_cache(features[rows])
-            self.cache = cache if self.cache is None else self.cache.cat(cache)
-            self.keys += [keys[i] for i in rows]
+        if rows and features is not None:
+            self.attach([keys[i] for i in rows], features[rows])
+
+    def attach(self, keys: list[Hashable], features: torch.Tensor) -> None:
+        """Give started requests their draft cache rows; a request drafts only once it has one."""
+        cache = self.draft.new_cache(features)
+        self.cache = cache if self.cache is None else self.cache.cat(cache)
+        self.keys += keys
 
     def stats(self, key: Hashable) -> SpecStats:
         return self.requests[key].stats

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ids", nargs="*", default=None, help="exactly these entries (instead of --language/--every)")
     p.add_argument("--eager", action="store_true", help="skip torch.compile (faster start, slower steps)")
     p.add_argument("--sequential", action="store_true", help="also time one request at a time")
+    p.add_argument("--plugin-settings", default="{}", help='more specasr.json fields, e.g. \'{"max_batch": 1}\'')
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [{"encoder_prompt": {"prompt": "", "multi_modal_data": {"audio": (decode_audio(e.audio), 16000)}},
                 "decoder_prompt": f"<|startoftranscript|><|{e.language}|><|transcribe|><|notimestamps|>"}
                for e in entries]
-    settings = VLLMPluginConfig(draft=args.draft, method="sd" if args.method == "sd" else "specasr")
+    settings = VLLMPluginConfig(draft=args.draft, method="sd" if args.method == "sd" else "specasr",
+                                **json.loads(args.plugin_settings))
     t0 = time.perf_counter()
     llm = LLM(str(serving_dir(args.model, settings)), dtype="float32", max_model_len=MAX_TARGET_POSITIONS,
               speculative_config=speculative_config(args.method, args.k), disable_log_stats=False,

@@ -11,6 +11,7 @@ accepted (the length of each slot's newly sampled ids, minus the bonus token) in
 feedback; then ask the engine-agnostic ``Drafter`` (``spec/``: adaptive length, recycling, the token
 bridge) for each request's chain. vLLM 0.32 verifies one chain per request, so the tree's second pass
 is off and the proposer sends the chain; ``K`` caps its length, the adaptive rule picks it per step.
+While more than ``max_batch`` requests decode together the proposer drafts nothing (see config).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from specasr_vllm.config import VLLMPluginConfig
+from specasr_vllm.config import DRAFT_MARGIN_FRAMES, VLLMPluginConfig
 from specasr_vllm.models.registry import load_model
 from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.spec.acceptance import Acceptance
@@ -63,6 +64,7 @@ class SpecASRProposer:
         self.runner: Any = None
         self.scheduler_output: Any = None
         self._prompt_len: dict[str, int] = {}
+        self._audio: dict[str, torch.Tensor] = {}  # log-mel features of requests not yet drafting
         self._last: dict[str, DraftTree] = {}  # each request's chain from the previous step
         self._step_done: float | None = None
         self.totals = SpecStats()  # over finished requests
@@ -90,7 +92,7 @@ class SpecASRProposer:
         sched = self.scheduler_output
         self._forget(set(sched.finished_req_ids) | set(sched.preempted_req_ids or ()))
         req_ids = list(self.runner.input_batch.req_ids[: len(sampled_token_ids)])
-        self._start([(row, rid) for row, rid in enumerate(req_ids) if rid not in self._prompt_len])
+        self._start([rid for rid in req_ids if rid not in self._prompt_len])
         outputs, budgets = {}, {}
         for row, rid in enumerate(req_ids):
             sampled = sampled_token_ids[row]
@@ -100,7 +102,10 @@ class SpecASRProposer:
             end = int(num_tokens_no_spec[row])
             outputs[rid] = token_ids_cpu[row, self._prompt_len[rid] : end].tolist()
             budgets[rid] = min(self.max_draft, self.max_model_len - end - 1)
-        trees = self.drafter.propose(outputs, budgets) if outputs else {}
+        trees = {}
+        if 0 < len(outputs) <= self.settings.max_batch:  # past it the step is plain vLLM (see config)
+            self._encode_waiting(list(outputs))
+            trees = self.drafter.propose(outputs, budgets)
         drafts = []
         for rid in req_ids:
             tree = trees.get(rid)
@@ -115,14 +120,11 @@ class SpecASRProposer:
         return drafts
 
     # ---- request lifecycle ---------------------------------------------------------------------
-    def _start(self, new: list[tuple[int, str]]) -> None:
-        """Register requests seen for the first time: language and task from the decoder prompt, the
-        draft encoder over the target's log-mel features (taken now: vLLM frees them after the prefill)."""
-        if not new:
-            return
+    def _start(self, new: list[str]) -> None:
+        """Register requests seen for the first time: language and task from the decoder prompt, and
+        a copy of the target's log-mel features, trimmed to the audio, for the draft encoder."""
         tok, draft_tok = self.target_tokenizer, self.drafter.tokenizer
-        drafting, idle = [], []
-        for _, rid in new:
+        for rid in new:
             state = self.runner.requests[rid]
             prompt = list(state.prompt_token_ids or [])
             self._prompt_len[rid] = len(prompt)
@@ -130,15 +132,20 @@ class SpecASRProposer:
             task = "translate" if tok.translate in prompt else "transcribe"
             timestamps = tok.no_timestamps not in prompt and self.draft_timestamps
             prefix = draft_tok.prefix(language if draft_tok.multilingual else None, task, timestamps)
+            # an English-only draft does not serve other languages or translation: plain vLLM for those
             serves = draft_tok.multilingual or (language == "en" and task == "transcribe")
-            (drafting if serves else idle).append((rid, prefix, state))
-        if drafting:
-            model = self.drafter.draft.model
-            mels = torch.stack([_input_features(state) for _, _, state in drafting]).to(model.device, model.dtype)
-            self.drafter.add([rid for rid, _, _ in drafting], self.drafter.draft.encode(mels),
-                             [prefix for _, prefix, _ in drafting], [True] * len(drafting))
-        if idle:  # the draft does not serve their language or task: they decode as plain AR
-            self.drafter.add([rid for rid, _, _ in idle], None, [prefix for _, prefix, _ in idle], [False] * len(idle))
+            self.drafter.add([rid], None, [prefix], [serves])
+            if serves:
+                mel = _input_features(state)
+                self._audio[rid] = mel[:, : audio_frames(mel)] if self.drafter.config.draft_unpadded else mel.clone()
+
+    def _encode_waiting(self, rids: list[str]) -> None:
+        """Run the draft encoder for requests about to draft for the first time (each over its own frames);
+        requests that never draft (a batch too large throughout) never pay for it."""
+        model = self.drafter.draft
+        for rid in rids:
+            if (mel := self._audio.pop(rid, None)) is not None:
+                self.drafter.attach([rid], model.encode(mel[None].to(model.model.device)))
 
     def _feedback(self, rid: str, sampled: list[int]) -> None:
         """The target kept ``len(sampled) - 1`` tokens of the last chain (then its own bonus token)."""
@@ -157,6 +164,7 @@ class SpecASRProposer:
             self.fallbacks[stats.fallback] += stats.fallback is not None
             del self._prompt_len[rid]
             self._last.pop(rid, None)
+            self._audio.pop(rid, None)
         self.drafter.forget(known)
 
     def stats(self) -> dict:
@@ -180,6 +188,20 @@ class SpecASRProposer:
                 "SpecASRProposer needs the specasr_vllm general plugin (entry point 'vllm.general_plugins'), "
                 "which hands it request ids and audio; is specasr-vllm installed in this environment, and "
                 "VLLM_PLUGINS (if set) listing 'specasr'?")
+
+
+def audio_frames(mel: torch.Tensor) -> int:
+    """How many leading frames of Whisper log-mel features (n_mels, frames) hold audio, plus a margin.
+
+    The processor pads audio with zeros to 30 s; a zero frame's log-mel is the clamp floor in every
+    bin, so the audio ends after the last frame with any bin above the floor. (Digital silence inside
+    the audio looks the same; the draft merely sees less of it, which costs no accuracy.)
+    """
+    floor = mel.min()
+    sounding = (mel > floor + 1e-4).any(dim=0).nonzero()
+    end = int(sounding[-1]) + 1 if len(sounding) else 0
+    frames = min(mel.shape[1], end + DRAFT_MARGIN_FRAMES)
+    return frames + frames % 2  # the encoder's stride-2 convolution halves it
 
 
 def _input_features(state: Any) -> torch.Tensor:
