@@ -54,8 +54,9 @@ def summarise(reports: dict[str, dict]) -> dict[str, dict]:
             row["mean_acceptance_length"] = 1 + accepted / drafts
         if "proposer" in r:
             p = r["proposer"]
-            row.update(proposer_ms_per_step=p["ms_per_step"], recycled_accepted=p["recycled_accepted"],
-                       draft_steps=p["draft_steps"], steps=p["steps"])
+            row.update(proposer_ms_per_step=p["ms_per_step"], proposer_ms_per_drafting_step=p["ms_per_drafting_step"],
+                       recycled_accepted=p["recycled_accepted"], draft_steps=p["draft_steps"], steps=p["steps"],
+                       drafting_steps=p["drafting_steps"])
         rows[f"vllm-{method}"] = row
     return rows
 
@@ -68,14 +69,14 @@ def markdown(rows: dict[str, dict], info: dict) -> str:
              f"vLLM {info['vllm']}, {info['files']} English dev files, {info['machine']['cpu']}, "
              f"{info['machine']['cores']} cores; whisper-base target, whisper-tiny.en draft; greedy.", "",
              "| method | one at a time (s) | speedup | all at once (s) | speedup | identical to vLLM AR | "
-             "acceptance rate | mean acceptance length | proposer ms/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "acceptance rate | mean acceptance length | proposer ms/step | ms/drafting step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['sequential_s']:.1f} | {f(r.get('sequential_speedup'), '.2f')}x | "
                      f"{r['batched_s']:.1f} | {f(r.get('batched_speedup'), '.2f')}x | "
                      f"{r['identical_to_vllm_ar'] and r['sequential_identical']} | "
                      f"{f(r.get('draft_acceptance_rate'), '.1%')} | {f(r.get('mean_acceptance_length'), '.2f')} | "
-                     f"{f(r.get('proposer_ms_per_step'), '.1f')} |")
+                     f"{f(r.get('proposer_ms_per_step'), '.1f')} | {f(r.get('proposer_ms_per_drafting_step'), '.1f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -127,8 +127,9 @@ class VLLMPluginConfig:
     draft: str = DEFAULT_DRAFT  # a registry name or a local Hugging Face Whisper directory
     method: str = "specasr"  # "specasr" (adaptive length + recycling) or "sd" (fixed length k)
     spec: dict = field(default_factory=dict)  # SpecConfig overrides, e.g. {"max_draft": 16}
-    max_batch: int = 4  # draft only while at most this many requests decode together: a full batch keeps
-    # the CPU busy already, and verifying drafts for all of it costs more than it saves (benchmarks/)
+    max_batch: int = 1  # draft only while at most this many requests decode together. On a 2-core CPU a
+    # second request already fills the machine and verifying drafts costs more than it saves (benchmarks/
+    # results/vllm-*); an accelerator with room to spare wants a larger value.
 
     @classmethod
     def load(cls, model_dir: Path) -> "VLLMPluginConfig":

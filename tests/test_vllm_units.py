@@ -181,4 +181,4 @@ def test_proposer_through_a_fake_runner(fake_vllm, base, manifest, dev_audio, ba
     assert stats["accepted_tokens"] == accepted_total > 5  # the feedback counted what the "target" kept
     assert stats["fallbacks"] == {"draft does not serve this language": 1}
     assert "en" not in p.drafter.requests and "en" not in p._prompt_len  # the finished request is forgotten
-    assert stats["steps"] == 8 and stats["ms_per_step"] > 0
+    assert stats["steps"] == 8 and 5 <= stats["drafting_steps"] <= 7 and stats["ms_per_drafting_step"] > 0

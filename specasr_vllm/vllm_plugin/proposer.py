@@ -71,6 +71,7 @@ class SpecASRProposer:
         self.draft_lengths: Counter = Counter()  # tokens proposed per (request, step), zero included
         self.fallbacks: Counter = Counter()  # requests that stopped (or never started) drafting, by reason
         self.steps, self.seconds = 0, 0.0  # propose calls and the time spent in them
+        self.drafting_steps, self.drafting_seconds = 0, 0.0  # the calls that proposed at least one token
         log.info("SpecASR proposer: draft %s, method %s, up to %d tokens per step",
                  self.settings.draft, self.settings.method, self.max_draft)
 
@@ -117,6 +118,9 @@ class SpecASRProposer:
         self._step_done = time.perf_counter()
         self.steps += 1
         self.seconds += self._step_done - started
+        if any(len(tree) for tree in trees.values()):
+            self.drafting_steps += 1
+            self.drafting_seconds += self._step_done - started
         return drafts
 
     # ---- request lifecycle ---------------------------------------------------------------------
@@ -179,7 +183,9 @@ class SpecASRProposer:
         merged = {k: v for k, v in totals.to_dict().items() if k != "fallback"}  # see "fallbacks"
         return {**merged, "draft_lengths": dict(sorted(self.draft_lengths.items())),
                 "fallbacks": {k: v for k, v in fallbacks.items() if v}, "steps": self.steps,
-                "ms_per_step": 1000 * self.seconds / self.steps if self.steps else None}
+                "ms_per_step": 1000 * self.seconds / self.steps if self.steps else None,
+                "drafting_steps": self.drafting_steps,
+                "ms_per_drafting_step": 1000 * self.drafting_seconds / self.drafting_steps if self.drafting_steps else None}
 
     # ---- guards ----------------------------------------------------------------------------------
     def _raise_if_unbound(self) -> None:
