@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded: this package's server and engine; vllm: vLLM's OpenAI server with the SpecASR "
                         "proposer (pip install 'specasr-vllm[vllm]')")
     p.add_argument("--vllm-args", default="", help="with --engine vllm: more 'vllm serve' options, one string "
-                                                   "(e.g. \"--enforce-eager --max-num-seqs 32\")")
+                                                   "given with '=' (e.g. --vllm-args='--enforce-eager --max-num-seqs 32')")
     p.add_argument("--print-command", action="store_true",
                    help="with --engine vllm: print the 'vllm serve' command instead of running it")
     p.add_argument("--host", default=defaults.host)

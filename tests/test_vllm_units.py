@@ -4,6 +4,7 @@ row layout, the guards, the serving directory and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -146,6 +147,7 @@ def test_proposer_through_a_fake_runner(fake_vllm, base, manifest, dev_audio, ba
         for e in (english, german)}
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["en", "de"]), requests=requests)
     p = proposer.SpecASRProposer(fake_vllm)
+    p.settings = dataclasses.replace(p.settings, max_batch=2)  # draft for both slots (the default drafts for one)
     with pytest.raises(RuntimeError, match="needs the specasr_vllm general plugin"):
         p.propose([[1]], np.array([1]), np.zeros((1, 448), dtype=np.int32))
     slots = _Slots([prompts["en"], prompts["de"]])

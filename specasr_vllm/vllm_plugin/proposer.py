@@ -66,7 +66,8 @@ class SpecASRProposer:
         self._prompt_len: dict[str, int] = {}
         self._audio: dict[str, torch.Tensor] = {}  # log-mel features of requests not yet drafting
         self._last: dict[str, DraftTree] = {}  # each request's chain from the previous step
-        self._step_done: float | None = None
+        self._step_done = 0.0
+        self._drafted = False  # whether the last call proposed anything
         self.totals = SpecStats()  # over finished requests
         self.draft_lengths: Counter = Counter()  # tokens proposed per (request, step), zero included
         self.fallbacks: Counter = Counter()  # requests that stopped (or never started) drafting, by reason
@@ -88,7 +89,7 @@ class SpecASRProposer:
         """Draft tokens per batch slot (possibly none), after each slot's newest sampled tokens."""
         self._raise_if_unbound()
         started = time.perf_counter()
-        if self._step_done is not None:  # the time since the last proposal went into the target's step
+        if self._drafted:  # the time since the last proposal went into verifying it (the adaptive rule's price)
             self.costs.observe(verify=started - self._step_done)
         sched = self.scheduler_output
         self._forget(set(sched.finished_req_ids) | set(sched.preempted_req_ids or ()))
@@ -101,6 +102,8 @@ class SpecASRProposer:
                 continue
             self._feedback(rid, sampled)
             end = int(num_tokens_no_spec[row])
+            if sampled[-1] == self.target_tokenizer.eot or end >= self.max_model_len - 1:
+                continue  # finished: vLLM says so next step
             outputs[rid] = token_ids_cpu[row, self._prompt_len[rid] : end].tolist()
             budgets[rid] = min(self.max_draft, self.max_model_len - end - 1)
         trees = {}
@@ -118,7 +121,8 @@ class SpecASRProposer:
         self._step_done = time.perf_counter()
         self.steps += 1
         self.seconds += self._step_done - started
-        if any(len(tree) for tree in trees.values()):
+        self._drafted = any(len(tree) for tree in trees.values())
+        if self._drafted:
             self.drafting_steps += 1
             self.drafting_seconds += self._step_done - started
         return drafts
