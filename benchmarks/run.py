@@ -1,7 +1,7 @@
 """One command that measures every method and every peer side by side, with the identical-output check.
 
     python -m benchmarks.run                 # full run over the dev set's English files up to 30 s
-    python -m benchmarks.run --quick         # 3 files, 1 repetition: proves the harness works
+    python -m benchmarks.run --quick         # 3 files (or --limit N), 1 repetition: proves the harness works
 
 Fairness: one process, the same files for every method, a warm-up per method, repetitions
 interleaved (file by file, methods in rotating order), medians per file, the torch thread count
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     names = args.methods.split(",") if args.methods else (QUICK if args.quick else ALL)
     entries = read_manifest(Path(args.manifest), language=args.language, max_duration=args.max_duration)
-    entries = entries[: 3 if args.quick else args.limit]
+    entries = entries[: (args.limit or 3) if args.quick else args.limit]
     if not entries:
         raise SystemExit("no files match the filters")
     audio = {e.id: decode_audio(e.audio) for e in entries}
