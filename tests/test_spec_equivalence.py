@@ -20,10 +20,10 @@ from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
-from specasr_vllm.spec.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.spec.bridge import make_bridge
-from specasr_vllm.spec.draft_model import DraftModel
-from specasr_vllm.spec.drafter import Drafter
+from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
+from specasr_vllm.speculation.bridge import make_bridge
+from specasr_vllm.speculation.draft_model import DraftModel
+from specasr_vllm.speculation.drafter import Drafter
 
 MAX_POSITIONS = 36
 

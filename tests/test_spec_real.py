@@ -8,7 +8,7 @@ import pytest
 from conftest import transcribe_by_language
 from specasr_vllm.config import EngineConfig, SpecConfig
 from specasr_vllm.engine import Transcriber
-from specasr_vllm.spec.stats import SpecStats
+from specasr_vllm.speculation.stats import SpecStats
 
 pytestmark = pytest.mark.real
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from specasr_vllm.models.tokenizer import WhisperTokenizer
-from specasr_vllm.spec.acceptance import accept_greedy
-from specasr_vllm.spec.adaptive import ConfidencePolicy, FixedLength
-from specasr_vllm.spec.bridge import IdentityBridge, TextBridge, make_bridge
-from specasr_vllm.spec.recycling import common_prefix, recycle_candidates
-from specasr_vllm.spec.tree import ROOT, DraftTree
+from specasr_vllm.speculation.acceptance import accept_greedy
+from specasr_vllm.speculation.adaptive import ConfidencePolicy, FixedLength
+from specasr_vllm.speculation.bridge import IdentityBridge, TextBridge, make_bridge
+from specasr_vllm.speculation.recycling import common_prefix, recycle_candidates
+from specasr_vllm.speculation.tree import ROOT, DraftTree
 
 EOT = 99
 

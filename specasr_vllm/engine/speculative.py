@@ -20,9 +20,9 @@ from specasr_vllm.config import MAX_TARGET_POSITIONS
 from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import WhisperRules
-from specasr_vllm.spec.acceptance import accept_greedy
-from specasr_vllm.spec.drafter import Drafter
-from specasr_vllm.spec.tree import DraftTree
+from specasr_vllm.speculation.acceptance import accept_greedy
+from specasr_vllm.speculation.drafter import Drafter
+from specasr_vllm.speculation.tree import DraftTree
 
 
 @torch.no_grad()

@@ -19,11 +19,11 @@ from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
-from specasr_vllm.spec.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.spec.bridge import IdentityBridge, make_bridge
-from specasr_vllm.spec.draft_model import DraftModel
-from specasr_vllm.spec.drafter import Drafter
-from specasr_vllm.spec.stats import SpecStats
+from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
+from specasr_vllm.speculation.bridge import IdentityBridge, make_bridge
+from specasr_vllm.speculation.draft_model import DraftModel
+from specasr_vllm.speculation.drafter import Drafter
+from specasr_vllm.speculation.stats import SpecStats
 
 
 @contextmanager

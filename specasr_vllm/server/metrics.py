@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import prometheus_client as prom
 
-from specasr_vllm.spec.stats import SpecStats
+from specasr_vllm.speculation.stats import SpecStats
 
 prom.disable_created_metrics()  # as vLLM does: no ``*_created`` series beside every counter
 

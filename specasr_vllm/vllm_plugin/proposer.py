@@ -8,7 +8,7 @@ plugin (``hooks.py``) hands over through ``bind`` just before each call, from th
 Per step: forget requests vLLM finished or preempted; start new ones (the draft encoder runs on the
 log-mel features vLLM computed for the target); turn how many of last step's draft tokens were
 accepted (the length of each slot's newly sampled ids, minus the bonus token) into the drafter's
-feedback; then ask the engine-agnostic ``Drafter`` (``spec/``: adaptive length, recycling, the token
+feedback; then ask the engine-agnostic ``Drafter`` (``speculation/``: adaptive length, recycling, the token
 bridge) for each request's chain. vLLM 0.32 verifies one chain per request, so the tree's second pass
 is off and the proposer sends the chain; ``K`` caps its length, the adaptive rule picks it per step.
 While more than ``max_batch`` requests decode together the proposer drafts nothing (see config).
@@ -28,13 +28,13 @@ import torch
 from specasr_vllm.config import DRAFT_MARGIN_FRAMES, VLLMPluginConfig
 from specasr_vllm.models.registry import load_model
 from specasr_vllm.models.tokenizer import WhisperTokenizer
-from specasr_vllm.spec.acceptance import Acceptance
-from specasr_vllm.spec.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.spec.bridge import IdentityBridge, make_bridge
-from specasr_vllm.spec.draft_model import DraftModel
-from specasr_vllm.spec.drafter import Drafter
-from specasr_vllm.spec.stats import SpecStats
-from specasr_vllm.spec.tree import DraftTree
+from specasr_vllm.speculation.acceptance import Acceptance
+from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
+from specasr_vllm.speculation.bridge import IdentityBridge, make_bridge
+from specasr_vllm.speculation.draft_model import DraftModel
+from specasr_vllm.speculation.drafter import Drafter
+from specasr_vllm.speculation.stats import SpecStats
+from specasr_vllm.speculation.tree import DraftTree
 from specasr_vllm.vllm_plugin.version import check_vllm
 
 log = logging.getLogger(__name__)

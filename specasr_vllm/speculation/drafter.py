@@ -24,13 +24,13 @@ import torch
 
 from specasr_vllm.config import SpecConfig
 from specasr_vllm.models.kv_cache import DecoderCache
-from specasr_vllm.spec.acceptance import Acceptance
-from specasr_vllm.spec.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.spec.bridge import IdentityBridge, TokenBridge
-from specasr_vllm.spec.draft_model import DraftModel
-from specasr_vllm.spec.recycling import common_prefix, recycle_candidates
-from specasr_vllm.spec.stats import SpecStats
-from specasr_vllm.spec.tree import ROOT, DraftTree
+from specasr_vllm.speculation.acceptance import Acceptance
+from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
+from specasr_vllm.speculation.bridge import IdentityBridge, TokenBridge
+from specasr_vllm.speculation.draft_model import DraftModel
+from specasr_vllm.speculation.recycling import common_prefix, recycle_candidates
+from specasr_vllm.speculation.stats import SpecStats
+from specasr_vllm.speculation.tree import ROOT, DraftTree
 
 _MARGIN = 128  # draft positions kept free for one round's drafting (chain, candidates, branches)
 _RECYCLE_LEN = 12  # longest recycled remainder re-checked

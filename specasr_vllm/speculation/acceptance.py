@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specasr_vllm.spec.tree import ROOT, DraftTree
+from specasr_vllm.speculation.tree import ROOT, DraftTree
 
 
 @dataclass
