@@ -114,7 +114,7 @@ def summarise(methods: list, entries: list, runs: dict) -> dict[str, dict]:
             })
             wers.append(word_errors(e.text, first.text, e.language))
             for k in ("output_tokens", "target_passes", "draft_steps", "draft_steps_hidden", "accepted_tokens",
-                      "drafted_tokens", "recycled_accepted", "tree_nodes"):
+                      "drafted_tokens", "recycled_accepted"):
                 stats[k] += first.stats.get(k, 0)
             hist.update({int(k): v for k, v in first.stats.get("acceptance_lengths", {}).items()})
         s = {"kind": m.kind, "lossless": m.lossless, "files": per_file}

@@ -62,11 +62,11 @@ def test_crop_then_redecode_equals_fresh(lean):
     full, _ = _fresh(lean, mel, tokens)
     cache = lean.new_cache(lean.encode(mel))
     lean.decode(torch.randint(0, 50000, (1, 10)), cache)  # a wrong draft ...
-    cache.crop([0])  # ... rolled back entirely
+    cache.set_length(0, 0)  # ... rolled back entirely
     assert torch.allclose(lean.decode(tokens, cache), full, atol=1e-5)
-    cache.crop([6])  # keep 6, redo the last 4
+    cache.set_length(0, 6)  # keep 6, redo the last 4
     assert torch.allclose(lean.decode(tokens[:, 6:], cache), full[:, 6:], atol=1e-5)
-    assert cache.lengths.tolist() == [10]
+    assert cache.lengths([0]) == [10]
 
 
 def test_rows_with_different_lengths_decode_like_separate_requests(lean):
@@ -76,7 +76,7 @@ def test_rows_with_different_lengths_decode_like_separate_requests(lean):
     lb, _ = _fresh(lean, mel[1:], b)
     cache = lean.new_cache(lean.encode(mel))
     lean.decode(torch.cat([a[:, :5], torch.cat([b[:, :2], b[:, :3]], 1)]), cache)  # row 1 gets junk after 2
-    cache.crop([5, 2])
+    cache.set_length(1, 2)
     out = lean.decode(torch.cat([a[:, 5:], b[:, 2:]]), cache)
     assert torch.allclose(out[0], la[0, 5:], atol=1e-5)
     assert torch.allclose(out[1], lb[0, 2:], atol=1e-5)
@@ -103,37 +103,61 @@ def test_tree_mask_gives_each_branch_its_chain_logits(lean):
     assert torch.allclose(nxt[0, 0], ref[0, -1], atol=1e-5)
 
 
-def test_select_rows(lean):
+def test_compact_moves_live_rows_to_the_front(lean):
     mel = torch.randn(3, lean.dims.n_mels, 3000)
     tokens = torch.randint(0, 50000, (3, 5))
     full, cache = _fresh(lean, mel, tokens)
-    sub = cache.select([2, 0])
-    nxt = lean.decode(torch.tensor([[7], [8]]), sub)
-    ref, _ = _fresh(lean, mel[[2, 0]], torch.cat([tokens[[2, 0]], torch.tensor([[7], [8]])], 1))
+    cache.release([1])
+    assert cache.compact([0, 2]) == [0, 1]  # row 2 moved into the hole, row 0 stayed
+    nxt = lean.decode(torch.tensor([[7], [8]]), cache, [0, 1])
+    ref, _ = _fresh(lean, mel[[0, 2]], torch.cat([tokens[[0, 2]], torch.tensor([[7], [8]])], 1))
     assert torch.allclose(nxt[:, 0], ref[:, -1], atol=1e-5)
 
 
-def test_cat_rows_joins_requests_mid_decode(lean):
-    """A request joining a running batch (vLLM's continuous batching) decodes as if it had been alone."""
+def test_scattered_rows_decode_like_contiguous_ones(lean):
+    mel = torch.randn(3, lean.dims.n_mels, 3000)
+    tokens = torch.randint(0, 50000, (3, 5))
+    full, cache = _fresh(lean, mel, tokens)
+    nxt = lean.decode(torch.tensor([[7], [8]]), cache, [2, 0])  # gathered for reading, written back by index
+    ref, _ = _fresh(lean, mel[[2, 0]], torch.cat([tokens[[2, 0]], torch.tensor([[7], [8]])], 1))
+    assert torch.allclose(nxt[:, 0], ref[:, -1], atol=1e-5)
+    assert cache.lengths([0, 1, 2]) == [6, 5, 6]
+
+
+def test_rows_join_mid_decode_through_the_free_list(lean):
+    """Requests joining a running batch (vLLM's continuous batching) decode as if they had been alone."""
     mel = torch.randn(2, lean.dims.n_mels, 3000)
     tokens = torch.randint(0, 50000, (2, 5))
-    _, first = _fresh(lean, mel[:1], tokens[:1])
-    _, second = _fresh(lean, mel[1:], tokens[1:, :3])  # a shorter history: rows keep their own lengths
-    joined = first.cat(second)
-    assert joined.lengths.tolist() == [5, 3]
-    nxt = lean.decode(torch.tensor([[7], [8]]), joined)
+    cache = lean.empty_cache(1)
+    first = cache.claim(*lean.cross_kv(lean.encode(mel[:1])))
+    lean.decode(tokens[:1], cache, first)
+    # a row encoded over fewer frames (unpadded audio) joins: the pool grows, the short row is masked
+    second = cache.claim(*lean.cross_kv(lean.encode(mel[1:, :, :1000])))
+    assert (first, second, cache.rows, cache.frames([0, 1])) == ([0], [1], 2, [1500, 500])
+    lean.decode(tokens[1:, :3], cache, second)
+    assert cache.lengths([0, 1]) == [5, 3]
+    nxt = lean.decode(torch.tensor([[7], [8]]), cache, [0, 1])
     ref0, _ = _fresh(lean, mel[:1], torch.cat([tokens[:1], torch.tensor([[7]])], 1))
-    ref1, _ = _fresh(lean, mel[1:], torch.cat([tokens[1:, :3], torch.tensor([[8]])], 1))
+    ref1, _ = _fresh(lean, mel[1:, :, :1000], torch.cat([tokens[1:, :3], torch.tensor([[8]])], 1))
     assert torch.allclose(nxt[0, 0], ref0[0, -1], atol=1e-5) and torch.allclose(nxt[1, 0], ref1[0, -1], atol=1e-5)
-    # a row encoded over fewer frames (unpadded audio) joins padded and masked, decoding as it did alone
-    short = lean.new_cache(lean.encode(mel[1:, :, :1000]))
-    lean.decode(tokens[1:, :3], short)
-    mixed = first.cat(short)
-    assert mixed.cross_valid.sum(1).tolist() == [1500, 500]
-    nxt = lean.decode(torch.tensor([[7], [8]]), mixed)
-    alone = lean.new_cache(lean.encode(mel[1:, :, :1000]))
-    ref1 = lean.decode(torch.cat([tokens[1:, :3], torch.tensor([[8]])], 1), alone)
-    assert torch.allclose(nxt[0, 0], ref0[0, -1], atol=1e-5) and torch.allclose(nxt[1, 0], ref1[0, -1], atol=1e-5)
+    cache.release(first)  # the lowest free row is reused first
+    assert cache.claim(*lean.cross_kv(lean.encode(mel[:1]))) == [0]
+    with pytest.raises(ValueError, match="not in use"):
+        cache.release([1, 1])
+
+
+def test_fixed_shape_decode_equals_the_trimmed_one(lean):
+    """Attention over every slot and frame under a mask (shapes independent of lengths) changes nothing."""
+    mel = torch.randn(2, lean.dims.n_mels, 3000)
+    tokens = torch.randint(0, 50000, (2, 6))
+    _, trimmed = _fresh(lean, mel, tokens[:, :4])
+    _, fixed = _fresh(lean, mel, tokens[:, :4])
+    for cache in (trimmed, fixed):
+        cache.set_length(1, 2)
+    a = lean.decode(tokens[:, 4:], trimmed)
+    b = lean.decode(tokens[:, 4:], fixed, fixed=True)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert fixed.lengths([0, 1]) == trimmed.lengths([0, 1]) == [6, 4]
 
 
 def test_short_audio_encoder_uses_leading_positions(lean):
@@ -143,6 +167,6 @@ def test_short_audio_encoder_uses_leading_positions(lean):
 
 def test_decode_past_capacity_is_refused(lean):
     cache = lean.new_cache(lean.encode(torch.randn(1, lean.dims.n_mels, 3000)))
-    cache.crop([447])
+    cache.set_length(0, 447)
     with pytest.raises(ValueError, match="exceed"):
         lean.decode(torch.tensor([[1, 2]]), cache)

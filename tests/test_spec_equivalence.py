@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_random_hf_dir
-from specasr_vllm.config import SpecConfig
+from specasr_vllm.config import DRAFT_MARGIN_FRAMES, HOP_LENGTH, SpecConfig
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
-from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.speculation.bridge import make_bridge
-from specasr_vllm.speculation.draft_model import DraftModel
-from specasr_vllm.speculation.drafter import Drafter
+from specasr_vllm.speculation import Drafter
 
 MAX_POSITIONS = 36
 
@@ -48,23 +46,19 @@ def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, se
     langs = ["en", "de", "fr", "en"][:batch]
     prefixes = [target.tokenizer.prefix(lang, timestamps=timestamps) for lang in langs]
     reference = decode_ar(target, rules, features, prefixes, max_positions=MAX_POSITIONS, timestamps=timestamps)
-    costs = Costs()
-    policy = ConfidencePolicy(spec.threshold, cap=spec.max_draft, auto=spec.auto_threshold, costs=costs) \
-        if spec.adaptive else FixedLength(spec.k)
-    dm = DraftModel(draft, spec)
-    drafter = Drafter(dm, make_bridge(target.tokenizer, draft.tokenizer), spec, policy, costs)
-    dtok = draft.tokenizer
-    same = dtok.multilingual  # the "same" pair shares the target's vocabulary and drafts timestamps too
-    drafter.add(list(range(batch)), dm.encode(mel[:, :, : 3000 if not spec.draft_unpadded else 1000]),
-                [dtok.prefix(lang if dtok.multilingual else None, timestamps=timestamps and same) for lang in langs],
-                [dtok.multilingual or lang == "en" for lang in langs])
-    out = decode_speculative(target, rules, drafter, features, prefixes, list(range(batch)),
+    drafter = Drafter.build(draft, target.tokenizer, spec)
+    keys = [f"r{i}" for i in range(batch)]  # any hashable ids
+    for key, lang, m in zip(keys, langs, mel):
+        drafter.start(key, lang, "transcribe", timestamps, mel=m, audio=None if not spec.draft_unpadded else
+                      np.zeros(1000 * HOP_LENGTH - DRAFT_MARGIN_FRAMES * HOP_LENGTH, dtype=np.float32))
+    out = decode_speculative(target, rules, drafter, features, prefixes, keys,
                              max_positions=MAX_POSITIONS, timestamps=timestamps)
+    stats = drafter.release(keys)
     for ar, spec_out in zip(reference, out):
         if ar.tokens == spec_out.tokens:
             assert spec_out.logprobs == pytest.approx(ar.logprobs, abs=1e-3)
             assert spec_out.no_speech_prob == pytest.approx(ar.no_speech_prob, abs=1e-5)
-    return [d.tokens for d in reference], [d.tokens for d in out], [drafter.stats(i) for i in range(batch)]
+    return [d.tokens for d in reference], [d.tokens for d in out], [stats[key] for key in keys]
 
 
 @settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

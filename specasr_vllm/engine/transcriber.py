@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,18 +13,14 @@ import numpy as np
 import torch
 
 from specasr_vllm.audio import log_mel_spectrogram, split_points
-from specasr_vllm.config import DEFAULT_DRAFT, DRAFT_MARGIN_FRAMES, HOP_LENGTH, METHODS, N_FRAMES, SAMPLE_RATE, EngineConfig
+from specasr_vllm.config import DEFAULT_DRAFT, METHODS, SAMPLE_RATE, EngineConfig
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.segments import Segment, window_segments
 from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
-from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.speculation.bridge import IdentityBridge, make_bridge
-from specasr_vllm.speculation.draft_model import DraftModel
-from specasr_vllm.speculation.drafter import Drafter
-from specasr_vllm.speculation.stats import SpecStats
+from specasr_vllm.speculation import Drafter, SpecStats
 
 
 @contextmanager
@@ -75,18 +72,17 @@ class Transcriber:
         self.target = target or load_model(self.config.model, self.config.device, dtype)
         self.rules = WhisperRules(self.target)
         self.totals: dict[str, float] = {}
-        self.draft: DraftModel | None = None
+        self.cache = self.target.model.empty_cache(self.config.batch_size)  # rows reused batch after batch
+        self.drafter: Drafter | None = None
+        self._keys = itertools.count()  # one drafter request per window, over the transcriber's life
         if self.config.method != "ar":
             spec = self.config.spec
             draft = draft or load_model(self.config.draft or DEFAULT_DRAFT, self.config.device, dtype)
-            self.draft = DraftModel(draft, spec)
-            self.bridge = make_bridge(self.target.tokenizer, draft.tokenizer)
-            self.costs = Costs()  # shared by every batch: calibration and costs carry over
+            # one drafter for every batch: calibration and measured costs carry over
+            self.drafter = Drafter.build(draft, self.target.tokenizer, spec)
             # the draft runs ahead on a second thread; each thread then computes on one core
             self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) \
                 if spec.concurrent_draft else None
-            self.policy = (ConfidencePolicy(spec.threshold, cap=spec.max_draft, auto=spec.auto_threshold, costs=self.costs)
-                           if spec.adaptive else FixedLength(spec.k))
 
     def transcribe(self, audios: list[np.ndarray], language: str | None | list[str | None] = None,
                    task: str = "transcribe", timestamps: bool = False, prompt: str | None = None,
@@ -124,20 +120,24 @@ class Transcriber:
                     languages[batch[i].audio_index] = code
             prefixes = [tok.prefix(languages[w.audio_index], task, timestamps, prompt) for w in batch]
             timings["encode"] = time.perf_counter() - timings["encode"]
-            if self.draft is None:
-                t0 = time.perf_counter()
-                outputs = decode_ar(self.target, self.rules, features, prefixes, timestamps=timestamps)
+            t0 = time.perf_counter()
+            if self.drafter is None:
+                outputs = decode_ar(self.target, self.rules, features, prefixes, timestamps=timestamps, cache=self.cache)
                 stats = [SpecStats() for _ in batch]
             else:
-                t0 = time.perf_counter()
-                drafter = self._start_drafter(clips, mels, [languages[w.audio_index] for w in batch], task, timestamps,
-                                             prompt)
+                keys = [next(self._keys) for _ in batch]
+                for key, clip, mel, w in zip(keys, clips, mels, batch):
+                    self.drafter.start(key, languages[w.audio_index], task, timestamps, prompt, mel=mel, audio=clip)
+                self.drafter.prepare(keys)
                 timings["draft_encode"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                with _threads(1 if self.pool else torch.get_num_threads()):
-                    outputs = decode_speculative(self.target, self.rules, drafter, features, prefixes,
-                                                 list(range(len(batch))), pool=self.pool, timestamps=timestamps)
-                stats = [drafter.stats(i) for i in range(len(batch))]
+                try:
+                    with _threads(1 if self.pool else torch.get_num_threads()):
+                        outputs = decode_speculative(self.target, self.rules, self.drafter, features, prefixes, keys,
+                                                     pool=self.pool, timestamps=timestamps, cache=self.cache)
+                finally:
+                    final = self.drafter.release(keys)
+                stats = [final[key] for key in keys]
             timings["decode"] = time.perf_counter() - t0
             for w, decoded, st in zip(batch, outputs, stats):
                 segments = window_segments(decoded, tok, w.start / SAMPLE_RATE, w.end / SAMPLE_RATE)
@@ -155,31 +155,6 @@ class Transcriber:
             result.text = " ".join(s.text for s in result.segments if s.text)
             result.language = languages[a] or "en"
         return results
-
-    def _start_drafter(self, clips: list[np.ndarray], mels: torch.Tensor, languages: list[str], task: str,
-                       timestamps: bool, prompt: str | None) -> Drafter:
-        """Encode the batch for the draft (unpadded if configured) and register each window with it.
-
-        A draft with the target's vocabulary predicts timestamps too; through a text bridge it sees
-        and drafts text only, and the target's timestamps are simply not drafted.
-        """
-        draft_tok = self.draft.asr.tokenizer
-        # an English-only draft serves English transcription only; elsewhere the request runs as AR
-        enabled = [draft_tok.multilingual or (lang == "en" and task == "transcribe") for lang in languages]
-        features = None  # no draft encoder pass for a batch the draft cannot serve
-        if any(enabled):
-            if self.draft.asr.n_mels != self.target.n_mels:
-                mels = torch.stack([log_mel_spectrogram(c, self.draft.asr.n_mels) for c in clips])
-            if self.config.spec.draft_unpadded:
-                frames = max(len(c) for c in clips) // HOP_LENGTH + DRAFT_MARGIN_FRAMES
-                mels = mels[:, :, : min(N_FRAMES, frames + frames % 2)]
-            features = self.draft.encode(mels)
-        draft_timestamps = timestamps and isinstance(self.bridge, IdentityBridge)
-        prefixes = [draft_tok.prefix(lang if draft_tok.multilingual else None, task, draft_timestamps, prompt)
-                    for lang in languages]
-        drafter = Drafter(self.draft, self.bridge, self.config.spec, self.policy, self.costs)
-        drafter.add(list(range(len(clips))), features, prefixes, enabled)
-        return drafter
 
     def _detect_language(self, features: torch.Tensor) -> list[str]:
         model = self.target.model

@@ -1,112 +1,207 @@
-"""The decoder's per-request state: self-attention KV cache (growable, croppable) and cross-attention KV.
+"""The decoder's per-request state, preallocated: self-attention KV slots and cross-attention KV per row.
 
-Speculative decoding needs three things a plain cache lacks:
+Speculative decoding needs what a plain cache lacks:
 - per-row lengths, since requests in one batch accept different numbers of tokens;
-- rollback (``crop``) after the target rejects part of a draft;
+- rollback (``set_length``) after the target rejects part of a draft;
 - compaction (``keep``) after tree verification, where the accepted path is a scattered subset of
   the nodes just written.
-Rows can be selected (``select``) to drop finished requests from a batch or regroup requests, and
-appended (``cat``) when requests join a running batch (the vLLM proposer's continuous batching).
+
+The tensors are allocated once, with a fixed number of slots per row (Whisper's 448 positions) and a
+pool of rows that requests ``claim`` and ``release`` through a free list, so memory addresses stay put
+while requests come and go (what a compiled or graph-captured decode step needs). The pool grows by
+doubling when every row is taken (continuous batching may bring more requests than expected).
+``compact`` moves live rows to the front so a dense batch reads its rows as one contiguous view.
+
+Row lengths live on the host: they are known there anyway (the host decides what is kept), and
+reading them never waits for the device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
 
 import torch
-import torch.nn.functional as F
 
 
-@dataclass
 class DecoderCache:
-    """All tensors are (layers, batch, heads, positions, head_dim); ``lengths`` is (batch,).
+    """Self K/V: (layers, rows, heads, capacity, head_dim); cross K/V: (layers, rows, heads, frames, head_dim).
 
-    ``cross_valid`` (batch, frames), when set, marks the audio frames each row really has: rows whose
-    audio was encoded over fewer frames are padded, and cross-attention must not see the padding.
+    ``frames`` grows to the longest audio a row has claimed; each row remembers how many of them hold
+    its audio (rows encoded over fewer frames, e.g. the draft's unpadded encoder, are masked).
     """
 
-    self_k: torch.Tensor
-    self_v: torch.Tensor
-    cross_k: torch.Tensor
-    cross_v: torch.Tensor
-    lengths: torch.Tensor
-    cross_valid: torch.Tensor | None = None
+    def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, rows: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (layers, rows, heads, capacity, head_dim)
+        self.self_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.self_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.cross_k = torch.zeros((layers, rows, heads, 0, head_dim), device=device, dtype=dtype)
+        self.cross_v = torch.zeros_like(self.cross_k)
+        self._lengths = [0] * rows
+        self._frames = [0] * rows  # audio frames each row holds in cross_k / cross_v
+        self._free = list(range(rows))  # a heap: the lowest free row is taken first
 
-    @classmethod
-    def allocate(cls, cross_k: torch.Tensor, cross_v: torch.Tensor, capacity: int) -> "DecoderCache":
-        layers, batch, heads, _, head_dim = cross_k.shape
-        shape = (layers, batch, heads, capacity, head_dim)
-        return cls(
-            self_k=cross_k.new_zeros(shape),
-            self_v=cross_k.new_zeros(shape),
-            cross_k=cross_k,
-            cross_v=cross_v,
-            lengths=torch.zeros(batch, dtype=torch.long, device=cross_k.device),
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return self.lengths.shape[0]
-
+    # ---- shape ---------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         return self.self_k.shape[3]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store (batch, heads, n, head_dim) new keys/values at each row's slots ``lengths .. lengths + n``."""
-        n = k.shape[2]
-        rows = torch.arange(self.batch_size, device=k.device)[:, None]
-        slots = self.lengths[:, None] + torch.arange(n, device=k.device)
-        # advanced indices around a slice put (batch, n) first, so move heads after them
-        self.self_k[layer, rows, :, slots] = k.transpose(1, 2)
-        self.self_v[layer, rows, :, slots] = v.transpose(1, 2)
+    @property
+    def rows(self) -> int:
+        return self.self_k.shape[1]
 
-    def crop(self, lengths: torch.Tensor | list[int]) -> None:
-        """Roll rows back (or forward over already written slots) to the given lengths."""
-        self.lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device).clone()
+    @property
+    def device(self) -> torch.device:
+        return self.self_k.device
+
+    # ---- rows --------------------------------------------------------------------------------------------
+    def claim(self, cross_k: torch.Tensor, cross_v: torch.Tensor) -> list[int]:
+        """Rows for new requests, given each one's cross-attention K/V (layers, n, heads, frames, head_dim)."""
+        n, frames = cross_k.shape[1], cross_k.shape[3]
+        while len(self._free) < n:
+            self._grow_rows()
+        if frames > self.cross_k.shape[3]:
+            self._grow_frames(frames)
+        rows = [heapq.heappop(self._free) for _ in range(n)]
+        idx = torch.tensor(rows, device=self.device)
+        self.cross_k[:, idx, :, :frames] = cross_k.to(self.cross_k.dtype)
+        self.cross_v[:, idx, :, :frames] = cross_v.to(self.cross_v.dtype)
+        for row in rows:
+            self._lengths[row], self._frames[row] = 0, frames
+        return rows
+
+    def release(self, rows: list[int]) -> None:
+        """Give rows back to the pool (their contents are simply overwritten by the next claim)."""
+        for row in rows:
+            if row in self._free:
+                raise ValueError(f"row {row} is not in use")
+            self._lengths[row], self._frames[row] = 0, 0
+            heapq.heappush(self._free, row)
+
+    def compact(self, rows: list[int]) -> list[int]:
+        """Move the live ``rows`` to the front (rows ``0 .. len(rows) - 1``); returns each one's new row.
+
+        Only rows outside the front move (one copy each), so a batch that loses a request pays for the
+        requests behind it, not for every request.
+        """
+        front = set(range(len(rows)))
+        holes = sorted(front - set(rows))
+        moved = {}
+        for row in rows:
+            if row not in front:
+                dst = holes.pop(0)
+                self._move(row, dst)
+                moved[row] = dst
+        return [moved.get(row, row) for row in rows]
+
+    def fork(self, row: int, length: int) -> int:
+        """A new row holding ``row``'s audio and its first ``length`` slots (a branch to explore)."""
+        if not self._free:
+            self._grow_rows()
+        dst = heapq.heappop(self._free)
+        self._copy(row, dst, length)
+        return dst
+
+    def _copy(self, src: int, dst: int, used: int) -> None:
+        frames = self._frames[src]
+        self.self_k[:, dst, :, :used] = self.self_k[:, src, :, :used]
+        self.self_v[:, dst, :, :used] = self.self_v[:, src, :, :used]
+        self.cross_k[:, dst, :, :frames] = self.cross_k[:, src, :, :frames]
+        self.cross_v[:, dst, :, :frames] = self.cross_v[:, src, :, :frames]
+        self._lengths[dst], self._frames[dst] = used, frames
+
+    def _move(self, src: int, dst: int) -> None:
+        if dst not in self._free:
+            raise ValueError(f"row {dst} is in use")
+        self._free.remove(dst)
+        heapq.heapify(self._free)
+        self._copy(src, dst, self._lengths[src])
+        self.release([src])
+
+    def _grow_rows(self) -> None:
+        old = self.rows
+        grow = max(old, 1)
+        for name in ("self_k", "self_v", "cross_k", "cross_v"):
+            t = getattr(self, name)
+            setattr(self, name, torch.cat([t, t.new_zeros((t.shape[0], grow, *t.shape[2:]))], dim=1))
+        self._lengths += [0] * grow
+        self._frames += [0] * grow
+        for row in range(old, old + grow):
+            heapq.heappush(self._free, row)
+
+    def _grow_frames(self, frames: int) -> None:
+        for name in ("cross_k", "cross_v"):
+            t = getattr(self, name)
+            pad = t.new_zeros((*t.shape[:3], frames - t.shape[3], t.shape[4]))
+            setattr(self, name, torch.cat([t, pad], dim=3))
+
+    # ---- lengths -----------------------------------------------------------------------------------------
+    def length(self, row: int) -> int:
+        return self._lengths[row]
+
+    def lengths(self, rows: list[int]) -> list[int]:
+        return [self._lengths[r] for r in rows]
+
+    def set_length(self, row: int, length: int) -> None:
+        """Roll a row back (or forward over slots already written) to ``length`` tokens."""
+        if not 0 <= length <= self.capacity:
+            raise ValueError(f"length {length} outside 0..{self.capacity}")
+        self._lengths[row] = length
+
+    def advance(self, rows: list[int], n: int) -> None:
+        for row in rows:
+            self._lengths[row] += n
 
     def keep(self, row: int, start: int, offsets: list[int]) -> None:
-        """Compact slots ``start + offsets[i]`` to ``start + i`` and crop the row to ``start + len(offsets)``.
+        """Compact slots ``start + offsets[i]`` to ``start + i`` and set the row's length to ``start + len(offsets)``.
 
         After a tree pass the accepted path is a subset of the nodes written from ``start``; this makes
         it contiguous so the row looks exactly as if the path alone had been decoded.
         """
         if offsets != list(range(len(offsets))):
-            src = torch.tensor(offsets, device=self.self_k.device) + start
+            src = torch.tensor(offsets, device=self.device) + start
             self.self_k[:, row, :, start : start + len(offsets)] = self.self_k[:, row, :, src]
             self.self_v[:, row, :, start : start + len(offsets)] = self.self_v[:, row, :, src]
-        self.lengths[row] = start + len(offsets)
+        self.set_length(row, start + len(offsets))
 
-    def select(self, rows: list[int] | torch.Tensor) -> "DecoderCache":
-        """A new cache holding only ``rows`` (in that order)."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
-        return DecoderCache(
-            self_k=self.self_k.index_select(1, idx),
-            self_v=self.self_v.index_select(1, idx),
-            cross_k=self.cross_k.index_select(1, idx),
-            cross_v=self.cross_v.index_select(1, idx),
-            lengths=self.lengths.index_select(0, idx),
-            cross_valid=None if self.cross_valid is None else self.cross_valid.index_select(0, idx),
-        )
+    # ---- what a decode call reads --------------------------------------------------------------------------
+    def frames(self, rows: list[int]) -> list[int]:
+        return [self._frames[r] for r in rows]
 
-    def cat(self, other: "DecoderCache") -> "DecoderCache":
-        """This cache's rows followed by ``other``'s; audio encoded over different frame counts is padded
-        to the longer one and masked (``cross_valid``)."""
-        if other.self_k.shape[2:] != self.self_k.shape[2:] or other.cross_k.shape[4] != self.cross_k.shape[4]:
-            raise ValueError(f"cannot join caches shaped {tuple(self.self_k.shape)} and {tuple(other.self_k.shape)}")
-        frames = max(self.cross_k.shape[3], other.cross_k.shape[3])
-        parts = [self._padded_cross(frames), other._padded_cross(frames)]
-        joined = {name: torch.cat([getattr(self, name), getattr(other, name)], dim=1) for name in ("self_k", "self_v")}
-        return DecoderCache(**joined, cross_k=torch.cat([p[0] for p in parts], dim=1),
-                            cross_v=torch.cat([p[1] for p in parts], dim=1),
-                            lengths=torch.cat([self.lengths, other.lengths]),
-                            cross_valid=torch.cat([p[2] for p in parts]))
+    def view(self, rows: list[int], fixed: bool = False) -> "RowView":
+        """The tensors a decode call over ``rows`` reads and writes.
 
-    def _padded_cross(self, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        have = self.cross_k.shape[3]
-        valid = self.cross_valid if self.cross_valid is not None else \
-            torch.ones(self.batch_size, have, dtype=torch.bool, device=self.cross_k.device)
-        if have == frames:
-            return self.cross_k, self.cross_v, valid
-        pad = (0, 0, 0, frames - have)
-        return (F.pad(self.cross_k, pad), F.pad(self.cross_v, pad), F.pad(valid, (0, frames - have), value=False))
+        Consecutive rows are read as views (no copy); scattered rows are gathered for reading and
+        written back by index. ``fixed`` reads every frame (a shape that does not depend on the rows).
+        """
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        index: slice | torch.Tensor = slice(rows[0], rows[0] + len(rows)) if contiguous else \
+            torch.tensor(rows, device=self.device)
+        frames = self.cross_k.shape[3] if fixed else max(self.frames(rows))
+        return RowView(self, index, frames)
+
+
+class RowView:
+    """One decode call's window onto a ``DecoderCache``: its rows and the audio frames they attend to."""
+
+    def __init__(self, cache: DecoderCache, index: slice | torch.Tensor, frames: int):
+        self.cache, self.index, self.frames = cache, index, frames
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store (batch, heads, n, head_dim) keys/values at each row's ``slots`` (batch, n)."""
+        rows = _row_index(self.index, k.device)[:, None]
+        self.cache.self_k[layer, rows, :, slots] = k.transpose(1, 2)
+        self.cache.self_v[layer, rows, :, slots] = v.transpose(1, 2)
+
+    def self_kv(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.self_k[layer, self.index, :, :span], self.cache.self_v[layer, self.index, :, :span]
+
+    def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.cache.cross_k[layer, self.index, :, : self.frames],
+                self.cache.cross_v[layer, self.index, :, : self.frames])
+
+
+def _row_index(index: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(index, torch.Tensor):
+        return index
+    return torch.arange(index.start, index.stop, device=device)

@@ -3,7 +3,8 @@
 Module and parameter names follow Hugging Face's ``WhisperForConditionalGeneration`` (minus the
 ``model.`` prefix) so its safetensors load directly. What differs is the decoder's interface:
 ``decode`` takes several new tokens per row with any attention mask among them (a tree), and a
-``DecoderCache`` with per-row lengths that the caller can crop, compact and regroup.
+preallocated ``DecoderCache`` whose rows requests claim and release, with per-row lengths that the
+caller can crop and compact.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specasr_vllm.models.kv_cache import DecoderCache
+from specasr_vllm.models.kv_cache import DecoderCache, RowView
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,14 @@ class DecoderLayer(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d_model, ffn), nn.Linear(ffn, d_model)
         self.final_layer_norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: DecoderCache, mask: torch.Tensor, span: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, view: RowView, slots: torch.Tensor, mask: torch.Tensor,
+                span: int, audio_mask: torch.Tensor | None) -> torch.Tensor:
         a = self.self_attn
         h = self.self_attn_layer_norm(x)
-        cache.write(layer, a.split(a.k_proj(h)), a.split(a.v_proj(h)))
-        x = x + a.attend(a.q_proj(h), cache.self_k[layer, :, :, :span], cache.self_v[layer, :, :, :span], mask)
+        view.write(layer, a.split(a.k_proj(h)), a.split(a.v_proj(h)), slots)
+        x = x + a.attend(a.q_proj(h), *view.self_kv(layer, span), mask)
         c = self.encoder_attn
-        audio = None if cache.cross_valid is None else cache.cross_valid[:, None, None, :]
-        x = x + c.attend(c.q_proj(self.encoder_attn_layer_norm(x)), cache.cross_k[layer], cache.cross_v[layer], audio)
+        x = x + c.attend(c.q_proj(self.encoder_attn_layer_norm(x)), *view.cross_kv(layer), audio_mask)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
 
@@ -150,54 +151,82 @@ class Whisper(nn.Module):
         return self.encoder(mel.to(self.device, self.dtype))
 
     @torch.no_grad()
-    def new_cache(self, audio_features: torch.Tensor) -> DecoderCache:
-        """Cross-attention keys/values for each row's audio (computed once), and an empty self cache."""
+    def cross_kv(self, audio_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values (layers, batch, heads, frames, head_dim), computed once per audio."""
         ks, vs = [], []
         for layer in self.decoder.layers:
             attn = layer.encoder_attn
             ks.append(attn.split(attn.k_proj(audio_features)))
             vs.append(attn.split(attn.v_proj(audio_features)))
-        return DecoderCache.allocate(torch.stack(ks), torch.stack(vs), self.dims.max_target_positions)
+        return torch.stack(ks), torch.stack(vs)
+
+    def empty_cache(self, rows: int) -> DecoderCache:
+        """A preallocated cache with ``rows`` rows (it grows if more are claimed), on this model's device."""
+        d = self.dims
+        return DecoderCache(d.decoder_layers, d.decoder_heads, d.d_model // d.decoder_heads, d.max_target_positions,
+                            rows, self.device, self.dtype)
+
+    def new_cache(self, audio_features: torch.Tensor) -> DecoderCache:
+        """A cache whose rows ``0 .. batch - 1`` hold ``audio_features``' requests (a one-off batch)."""
+        cache = self.empty_cache(audio_features.shape[0])
+        cache.claim(*self.cross_kv(audio_features))
+        return cache
 
     @torch.no_grad()
     def decode(
         self,
         tokens: torch.Tensor,
         cache: DecoderCache,
+        rows: list[int] | None = None,
         tree_mask: torch.Tensor | None = None,
         depths: torch.Tensor | None = None,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        fixed: bool = False,
     ) -> torch.Tensor:
         """Logits (batch, n, vocab) for ``n`` new tokens per row, appended after each row's cached length.
 
-        ``tree_mask[b, i, j]`` (optional, default causal) says whether new token ``i`` sees new token
-        ``j``; ``depths[b, i]`` (default ``i``) is its distance from the cached prefix, which sets its
-        position embedding. The new tokens occupy slots ``lengths .. lengths + n``, and ``lengths``
-        grows by ``n``: the caller crops or compacts to what it accepts. ``head`` replaces the tied
-        output projection (a draft may project onto part of the vocabulary only).
+        ``rows`` are the cache rows of the batch (default ``0 .. batch - 1``). ``tree_mask[b, i, j]``
+        (optional, default causal) says whether new token ``i`` sees new token ``j``; ``depths[b, i]``
+        (default ``i``) is its distance from the cached prefix, which sets its position embedding.
+        Inputs may live anywhere: they move to this model's device once. The new tokens occupy slots
+        ``length .. length + n`` and each row's length grows by ``n``: the caller crops or compacts
+        to what it accepts. ``head`` replaces the tied output projection (a draft may project onto part
+        of the vocabulary only). ``fixed`` attends over every slot and frame of the cache under a mask,
+        so the call's shapes depend only on the batch and ``n`` (what compilation or graph capture needs).
         """
         batch, n = tokens.shape
-        dev = tokens.device
-        if depths is None:
-            depths = torch.arange(n, device=dev).expand(batch, n)
+        rows = list(range(batch)) if rows is None else rows
+        dev = self.device
+        starts = cache.lengths(rows)
+        if max(starts) + n > cache.capacity:
+            raise ValueError(f"decoder positions exceed {cache.capacity}")
+        span = cache.capacity if fixed else max(starts) + n
+        view = cache.view(rows, fixed)
+        tokens = tokens.to(dev, non_blocking=True)
+        start = torch.tensor(starts, device=dev)
+        new = torch.arange(n, device=dev)
+        depths = new.expand(batch, n) if depths is None else depths.to(dev, non_blocking=True)
         if tree_mask is None:
             tree_mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(batch, n, n)
-        starts = cache.lengths
-        if int(starts.max()) + n > cache.capacity:
-            raise ValueError(f"decoder positions exceed {cache.capacity}")
-        span = int(starts.max()) + n
+        else:
+            tree_mask = tree_mask.to(dev, non_blocking=True)
         # key slot s is visible to new token i of row b if it is cached (s < start) or a visible new token
         slot = torch.arange(span, device=dev)
-        cached = slot[None, None, :] < starts[:, None, None]
-        rel = (slot[None, :] - starts[:, None]).clamp(0, n - 1)  # (batch, span)
-        in_new = (slot[None, :] >= starts[:, None]) & (slot[None, :] < starts[:, None] + n)
+        cached = slot[None, None, :] < start[:, None, None]
+        rel = (slot[None, :] - start[:, None]).clamp(0, n - 1)  # (batch, span)
+        in_new = (slot[None, :] >= start[:, None]) & (slot[None, :] < start[:, None] + n)
         new_visible = torch.gather(tree_mask, 2, rel[:, None, :].expand(batch, n, span)) & in_new[:, None, :]
         mask = (cached | new_visible)[:, None]  # (batch, 1, n, span)
+        audio_mask = None
+        frames = cache.frames(rows)
+        if fixed or min(frames) < view.frames:  # some rows hold fewer audio frames than the view reads
+            audio = torch.tensor(frames, device=dev)
+            audio_mask = (torch.arange(view.frames, device=dev)[None, :] < audio[:, None])[:, None, None, :]
 
-        positions = starts[:, None] + depths
-        x = self.decoder.embed_tokens(tokens) + self.decoder.embed_positions(positions)
+        slots = start[:, None] + new
+        x = self.decoder.embed_tokens(tokens) + self.decoder.embed_positions(start[:, None] + depths)
         for i, layer in enumerate(self.decoder.layers):
-            x = layer(x, i, cache, mask, span)
-        cache.lengths = starts + n
+            x = layer(x, i, view, slots, mask, span, audio_mask)
+        cache.advance(rows, n)
         x = self.decoder.layer_norm(x)
         return head(x) if head is not None else x @ self.decoder.embed_tokens.weight.T

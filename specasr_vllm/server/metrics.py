@@ -56,7 +56,6 @@ METRICS = (
     _Spec("accepted_tokens", "counter", "specasr:spec_decode_num_accepted_tokens", "Drafted tokens accepted."),
     _Spec("recycled_tokens", "counter", "specasr:spec_decode_num_recycled_tokens",
           "Accepted tokens that came from draft recycling."),
-    _Spec("tree_nodes", "counter", "specasr:spec_decode_num_tree_nodes", "Draft tree nodes verified."),
     _Spec("draft_steps", "counter", "specasr:spec_decode_num_draft_steps", "Sequential draft model steps."),
     _Spec("acceptance_length", "histogram", "specasr:spec_decode_acceptance_length",
           "Accepted drafted tokens per verification pass.", (), _LENGTH_BUCKETS),
@@ -157,7 +156,6 @@ class Metrics:
         self.draft_tokens.inc(stats.drafted_tokens)
         self.accepted_tokens.inc(stats.accepted_tokens)
         self.recycled_tokens.inc(stats.recycled_accepted)
-        self.tree_nodes.inc(stats.tree_nodes)
         self.draft_steps.inc(stats.draft_steps)
         for length, passes in stats.acceptance_lengths.items():
             for _ in range(passes):

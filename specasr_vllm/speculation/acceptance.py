@@ -4,6 +4,9 @@ Greedy (temperature 0): starting at the root, follow the child whose token equal
 greedy choice at the current node; stop at the first node with no such child. The target's choice
 there is the bonus token, so every pass yields at least one token and the output is exactly what the
 target would produce alone. A sampling rule would replace ``accept_greedy`` and nothing else.
+
+A host that samples on its own (vLLM's rejection sampler) reports the tokens it emitted instead;
+``accepted_path`` turns them back into the tree's nodes, for any tree.
 """
 
 from __future__ import annotations
@@ -36,3 +39,21 @@ def accept_greedy(tree: DraftTree, target_choice: list[int], eot: int) -> Accept
             return Acceptance(nodes, choice)
         nodes.append(nxt)
         current = nxt
+
+
+def accepted_path(tree: DraftTree, emitted: list[int]) -> Acceptance:
+    """The nodes a host accepted, from the tokens it emitted after the pass (accepted drafts, then its own).
+
+    Raises ``ValueError`` when the emitted tokens do not follow a path of the tree: the host and the
+    drafter disagree about what was proposed, and statistics built on it would be wrong.
+    """
+    if not emitted:
+        raise ValueError("a target pass emits at least one token")
+    nodes, current = [], ROOT
+    for token in emitted[:-1]:
+        nxt = tree.child(current, token)
+        if nxt is None:
+            raise ValueError(f"emitted token {token} is not a child of node {current} of the proposed tree")
+        nodes.append(nxt)
+        current = nxt
+    return Acceptance(nodes, emitted[-1])

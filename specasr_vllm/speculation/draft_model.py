@@ -27,10 +27,11 @@ class DraftModel:
         self.model = asr.model
         tok = asr.tokenizer
         vocab = self.model.dims.vocab_size
-        keep = torch.arange(min(config.draft_vocab or vocab, tok.eot))
-        self.ids = torch.cat([keep, torch.tensor([tok.eot])])  # output index -> token id
         weight = self.model.decoder.embed_tokens.weight
-        self.head = nn.Linear(weight.shape[1], len(self.ids), bias=False).to(weight.device, weight.dtype)
+        device = weight.device
+        keep = torch.arange(min(config.draft_vocab or vocab, tok.eot), device=device)
+        self.ids = torch.cat([keep, torch.tensor([tok.eot], device=device)])  # output index -> token id
+        self.head = nn.Linear(weight.shape[1], len(self.ids), bias=False, device=device, dtype=weight.dtype)
         with torch.no_grad():
             self.head.weight.copy_(weight[self.ids])
         if config.draft_int8 and weight.device.type == "cpu":
@@ -40,18 +41,27 @@ class DraftModel:
                 self.model = Whisper(self.model.dims, encoder=self.model.encoder,
                                      decoder=quantize(self.model.decoder, {nn.Linear}, dtype=torch.qint8))
                 self.head = quantize(nn.Sequential(self.head), {nn.Linear}, dtype=torch.qint8)
+        ids = self.ids.tolist()
         suppressed = set(asr.suppress_tokens)
-        self.suppress = torch.tensor([int(i) in suppressed for i in self.ids])
+        self.suppress = torch.tensor([i in suppressed for i in ids], device=device)
         begin = suppressed | set(asr.begin_suppress_tokens)
-        self.begin_suppress = torch.tensor([int(i) in begin for i in self.ids])
+        self.begin_suppress = torch.tensor([i in begin for i in ids], device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         return self.model.encode(mel)
 
-    def new_cache(self, features: torch.Tensor) -> DecoderCache:
-        return self.model.new_cache(features)
+    def empty_cache(self, rows: int) -> DecoderCache:
+        return self.model.empty_cache(rows)
 
-    def decode(self, tokens: torch.Tensor, cache: DecoderCache, tree_mask=None, depths=None) -> torch.Tensor:
+    def cross_kv(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.cross_kv(features)
+
+    def decode(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None = None,
+               depths: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities over the draft's output ids, Whisper's suppression applied (not begin rules)."""
-        logits = self.model.decode(tokens, cache, tree_mask, depths, head=self.head)
+        logits = self.model.decode(tokens, cache, rows, tree_mask, depths, head=self.head)
         return torch.log_softmax(logits.float().masked_fill(self.suppress, float("-inf")), dim=-1)

@@ -20,32 +20,41 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from specasr_vllm.config import SpecConfig
-from specasr_vllm.models.kv_cache import DecoderCache
-from specasr_vllm.speculation.acceptance import Acceptance
+from specasr_vllm.models.packing import TreeRow, pack_rows
+from specasr_vllm.models.registry import ASRModel
+from specasr_vllm.models.tokenizer import WhisperTokenizer
+from specasr_vllm.speculation.acceptance import accepted_path
 from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.speculation.bridge import IdentityBridge, TokenBridge
+from specasr_vllm.speculation.bridge import IdentityBridge, TokenBridge, make_bridge
 from specasr_vllm.speculation.draft_model import DraftModel
 from specasr_vllm.speculation.recycling import common_prefix, recycle_candidates
+from specasr_vllm.speculation.requests import draft_features, draft_prefix, draft_serves
 from specasr_vllm.speculation.stats import SpecStats
 from specasr_vllm.speculation.tree import ROOT, DraftTree
 
 _MARGIN = 128  # draft positions kept free for one round's drafting (chain, candidates, branches)
 _RECYCLE_LEN = 12  # longest recycled remainder re-checked
 
+Choice = tuple[tuple[int, float], tuple[int, float]]  # the draft's (token, probability) first and second choice
+
 
 @dataclass
 class _Request:
     prefix: list[int]  # the draft's forced prefix
+    enabled: bool = True
+    mel: torch.Tensor | None = None  # the draft's log-mel features until the draft encoder has run
+    row: int | None = None  # the request's draft cache row (``None``: not drafting)
     cached: list[int] = field(default_factory=list)  # draft tokens after the prefix held in the KV cache
     proposal: list[int] = field(default_factory=list)  # the last chain, for recycling
     proposal_at: int = 0  # accepted text length (bytes) when it was proposed
     chain_nodes: list[int] = field(default_factory=list)  # tree nodes of the last chain (calibration)
+    last_tree: DraftTree | None = None  # what the last ``propose`` sent, awaiting ``feedback``
     passes: int = 0
     accepted: int = 0
-    enabled: bool = True
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -65,68 +74,115 @@ class _Round:
     probs: list[float] = field(default_factory=list)
     alts: list[tuple[int, float]] = field(default_factory=list)  # second choice at each chain position
     recycled: int = 0
-    next_logp: torch.Tensor | None = None  # the draft's distribution after the chain (None: not computed)
+    next: Choice | None = None  # the draft's choices after the chain (None: not computed)
 
 
 class Drafter:
-    def __init__(self, draft: DraftModel, bridge: TokenBridge, config: SpecConfig,
-                 policy: ConfidencePolicy | FixedLength, costs: Costs):
-        self.draft, self.bridge, self.config, self.policy, self.costs = draft, bridge, config, policy, costs
-        self.tokenizer = draft.asr.tokenizer
+    """The draft side of SpecASR for any number of concurrent requests, keyed by any hashable id.
+
+    A host (the embedded engine, the vLLM proposer) only starts requests, asks for trees, reports
+    what the target emitted and releases requests; statistics and cost estimates live here.
+    """
+
+    def __init__(self, draft: DraftModel, bridge: TokenBridge, config: SpecConfig):
+        self.draft, self.bridge, self.config = draft, bridge, config
+        self.costs = Costs()
+        self.policy: ConfidencePolicy | FixedLength = (
+            ConfidencePolicy(config.threshold, cap=config.max_draft, auto=config.auto_threshold, costs=self.costs)
+            if config.adaptive else FixedLength(config.k))
+        self._tok: WhisperTokenizer = draft.asr.tokenizer
         self.requests: dict[Hashable, _Request] = {}
-        self.keys: list[Hashable] = []  # cache row -> request
-        self.cache: DecoderCache | None = None
+        self.cache = draft.empty_cache(1)
         self._rounds: list[_Round] = []  # the last proposal, which ``run_ahead`` extends
 
-    # ---- request lifecycle -------------------------------------------------------------------
-    def add(self, keys: list[Hashable], features: torch.Tensor | None, prefixes: list[list[int]],
-            enabled: list[bool]) -> None:
-        """Start requests with the draft encoder's output for each enabled one (or ``None``: attach it
-        later); disabled ones never draft. Requests may join while others run (continuous batching)."""
-        for key, prefix, on in zip(keys, prefixes, enabled):
-            self.requests[key] = _Request(prefix=prefix, enabled=on)
-            if not on:
-                self.requests[key].stats.fallback = "draft does not serve this language"
-        rows = [i for i, on in enumerate(enabled) if on]
-        if rows and features is not None:
-            self.attach([keys[i] for i in rows], features[rows])
+    @classmethod
+    def build(cls, draft: ASRModel, target_tokenizer: WhisperTokenizer, config: SpecConfig) -> "Drafter":
+        """A drafter for ``draft`` (loaded on the device it should run on) proposing in the target's vocabulary."""
+        return cls(DraftModel(draft, config), make_bridge(target_tokenizer, draft.tokenizer), config)
 
-    def attach(self, keys: list[Hashable], features: torch.Tensor) -> None:
-        """Give started requests their draft cache rows; a request drafts only once it has one."""
-        cache = self.draft.new_cache(features)
-        self.cache = cache if self.cache is None else self.cache.cat(cache)
-        self.keys += keys
+    @property
+    def device(self) -> torch.device:
+        return self.draft.device
+
+    # ---- request lifecycle -------------------------------------------------------------------
+    def start(self, key: Hashable, language: str, task: str = "transcribe", timestamps: bool = False,
+              prompt: str | None = None, mel: torch.Tensor | None = None, audio: np.ndarray | None = None) -> bool:
+        """Register a request; returns whether the draft serves it (else it runs as AR, never drafting).
+
+        ``mel`` is the target's (n_mels, frames) log-mel window and/or ``audio`` its 16 kHz samples;
+        the draft encoder runs once, over the audio's frames only (``draft_unpadded``), when the
+        request first drafts. Requests may join while others run (continuous batching).
+        """
+        if key in self.requests:
+            raise ValueError(f"request {key!r} is already started")
+        identity = isinstance(self.bridge, IdentityBridge)  # a text bridge carries no timestamps
+        req = _Request(prefix=draft_prefix(self._tok, language, task, timestamps and identity, prompt))
+        self.requests[key] = req
+        req.enabled = draft_serves(self._tok, language, task)
+        if not req.enabled:
+            req.stats.fallback = "draft does not serve this language"
+            return False
+        req.mel = draft_features(self.draft.asr.n_mels, mel, audio, self.config.draft_unpadded)
+        return True
 
     def stats(self, key: Hashable) -> SpecStats:
+        """A request's counters (read them; the drafter keeps them up to date)."""
         return self.requests[key].stats
 
-    def release(self, keys: list[Hashable]) -> None:
-        """Stop drafting for requests (finished, or fallen back to AR) and shrink the cache; stats stay."""
-        gone = set(keys)
-        keep = [i for i, k in enumerate(self.keys) if k not in gone]
-        if self.cache is not None and len(keep) < len(self.keys):
-            self.keys = [self.keys[i] for i in keep]
-            self.cache = self.cache.select(keep) if keep else None
+    def finish(self, keys: list[Hashable]) -> None:
+        """Requests that will emit nothing more: free their draft state now (statistics stay until ``release``)."""
+        self._stop_drafting([k for k in keys if k in self.requests])
 
-    def forget(self, keys: list[Hashable]) -> None:
-        """Release requests and drop their state and stats (a long-running engine's finished requests)."""
-        self.release(keys)
+    def release(self, keys: list[Hashable]) -> dict[Hashable, SpecStats]:
+        """Forget requests; returns each one's final statistics."""
+        self._stop_drafting([k for k in keys if k in self.requests])
+        return {key: self.requests.pop(key).stats for key in keys if key in self.requests}
+
+    def _stop_drafting(self, keys: list[Hashable]) -> None:
+        """Free the draft cache rows of ``keys`` and move the remaining rows to the front."""
+        rows = [self.requests[k].row for k in keys if self.requests[k].row is not None]
         for key in keys:
-            self.requests.pop(key, None)
+            self.requests[key].row = None
+            self.requests[key].mel = None
+        if not rows:
+            return
+        self.cache.release(rows)
+        live = [req for req in self.requests.values() if req.row is not None]
+        for req, row in zip(live, self.cache.compact([req.row for req in live])):
+            req.row = row
+
+    def prepare(self, keys: list[Hashable]) -> None:
+        """Run the draft encoder for requests about to draft for the first time, each over its own frames
+        (``propose`` does it when needed; a host calls this to time it, or to do it while the target waits)."""
+        for key in keys:
+            req = self.requests[key]
+            if req.mel is not None and req.row is None:
+                features = self.draft.encode(req.mel[None])
+                req.row = self.cache.claim(*self.draft.cross_kv(features))[0]
+                req.mel = None
+
+    def _live_rows(self) -> list[int]:
+        return sorted(req.row for req in self.requests.values() if req.row is not None)
 
     # ---- one round -------------------------------------------------------------------------------
     def propose(self, outputs: dict[Hashable, list[int]], budgets: dict[Hashable, int]) -> dict[Hashable, DraftTree]:
-        """A draft tree per request (empty where it cannot or should not draft)."""
+        """A draft tree per request (empty where it cannot or should not draft).
+
+        ``outputs[key]`` is everything the target emitted for the request so far (after its prefix);
+        ``budgets[key]`` the most nodes the target will verify for it this pass.
+        """
+        self.prepare([key for key in outputs if budgets[key] >= 1])
         trees = {key: DraftTree() for key in outputs}
         rounds = [r for key in outputs if (r := self._sync(key, outputs[key], budgets[key])) is not None]
-        if not rounds:
-            return trees
-        self._catch_up(rounds)
-        self._draft(rounds)
-        branches = self._branch(rounds) if self.config.tree else {}
-        for r in rounds:
-            trees[r.key] = self._to_tree(r, branches.get(r.key, []))
+        if rounds:
+            self._catch_up(rounds)
+            self._draft(rounds)
+            branches = self._branch(rounds) if self.config.tree else {}
+            for r in rounds:
+                trees[r.key] = self._to_tree(r, branches.get(r.key, []))
         self._rounds = rounds
+        for key, tree in trees.items():
+            self.requests[key].last_tree = tree
         return trees
 
     def run_ahead(self, stop: threading.Event) -> None:
@@ -137,81 +193,84 @@ class Drafter:
         token, the next ``propose`` finds the continuation already in the cache and takes it in one
         parallel re-check (recycling); otherwise recycling realigns it like any rejected draft.
         """
-        rounds = [r for r in self._rounds if r.chain and r.chain[-1] != self.tokenizer.eot and r.key in self.keys]
+        eot = self._tok.eot
+        rounds = [r for r in self._rounds if r.chain and r.chain[-1] != eot and self.requests[r.key].row is not None]
         for r in rounds:
-            r.row = self.keys.index(r.key)
+            r.row = self.requests[r.key].row
         steps = 0
         while rounds and not stop.is_set() and steps < self.config.max_draft:
             for r in rounds:
-                if r.next_logp is not None:  # else the chain's last token is still to be fed
-                    r.chain.append(self._top(r.next_logp)[0])
-            rounds = [r for r in rounds if r.chain[-1] != self.tokenizer.eot]
+                if r.next is not None:  # else the chain's last token is still to be fed
+                    r.chain.append(r.next[0][0])
+            rounds = [r for r in rounds if r.chain[-1] != eot]
             if not rounds:
                 break
-            logp = self._forward({r.row: ([r.chain[-1]], [-1], [0]) for r in rounds})
+            choices = self._forward({r.row: TreeRow.chain([r.chain[-1]]) for r in rounds})
             steps += 1
             for r in rounds:
-                self.cache.keep(r.row, int(self.cache.lengths[r.row]), [0])
+                self.cache.keep(r.row, self.cache.length(r.row), [0])
                 req = self.requests[r.key]
                 req.cached.append(r.chain[-1])
                 req.stats.draft_steps_hidden += 1
-                r.next_logp = logp[r.row, 0]
+                r.next = choices[r.row][0]
         for r in self._rounds:
-            self.requests[r.key].proposal = [t for t in r.chain if t != self.tokenizer.eot]
+            self.requests[r.key].proposal = [t for t in r.chain if t != eot]
 
     def _sync(self, key: Hashable, output: list[int], budget: int) -> _Round | None:
         req = self.requests[key]
-        if not req.enabled or key not in self.keys or budget < 1:
+        if not req.enabled or req.row is None or budget < 1:
             return None
         new = self.bridge.to_draft(output)
         if new is None:
             return None
-        row = self.keys.index(key)
         full = req.prefix + new
         if len(full) + _MARGIN > self.cache.capacity:  # too close to the draft's position limit
             return None
-        have = (req.prefix + req.cached)[: int(self.cache.lengths[row])]
+        have = (req.prefix + req.cached)[: self.cache.length(req.row)]
         keep = min(common_prefix(have, full), len(full) - 1)  # at least one token to feed
-        self.cache.lengths[row] = keep
+        self.cache.set_length(req.row, keep)
         req.cached = full[len(req.prefix) : keep]
-        text = b"".join(self.tokenizer.token_bytes[t] for t in new if t < self.tokenizer.eot)
+        token_bytes = self._tok.token_bytes
+        text = b"".join(token_bytes[t] for t in new if t < self._tok.eot)
         candidates = []
         if self.config.recycling and req.proposal:
-            pieces = [self.tokenizer.token_bytes[t] for t in req.proposal]
+            pieces = [token_bytes[t] for t in req.proposal]
             matched = common_prefix(b"".join(pieces), text[req.proposal_at :])
             candidates = recycle_candidates(req.proposal, pieces, matched, min(_RECYCLE_LEN, self._cap(budget)),
                                             accepted=len(text) - req.proposal_at)
-        return _Round(key, row, budget, full[keep:], first=not new, candidates=candidates, context=new,
+        return _Round(key, req.row, budget, full[keep:], first=not new, candidates=candidates, context=new,
                       context_bytes=len(text))
 
     def _cap(self, budget: int) -> int:
         cap = self.config.max_draft if self.config.adaptive else self.config.k
         return min(cap, budget)
 
-    def _forward(self, inputs: dict[int, tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
-        """One draft pass over every cache row: per row (tokens, parents, depths); idle rows feed a dummy.
+    def _forward(self, inputs: dict[int, TreeRow], begin: dict[int, int] | None = None,
+                 rows: list[int] | None = None) -> dict[int, list[Choice]]:
+        """One draft pass over ``rows`` (default: every live row; rows without input feed a dummy).
 
-        Parents index within the row's new tokens (-1: the cached context). Returns log-probs
-        (rows, n, draft vocab); the caller compacts each row's cache to what it keeps.
+        Returns, per row with input, the draft's two best (token, probability) at each new token, read
+        from the device in one transfer; ``begin[row]`` marks the position where Whisper's begin rules
+        apply. Nothing is kept in the cache: the caller compacts each row to what it keeps.
         """
-        n = max(len(t) for t, _, _ in inputs.values())
-        rows = self.cache.batch_size
-        tokens = torch.full((rows, n), self.tokenizer.eot, dtype=torch.long)
-        mask = torch.eye(n, dtype=torch.bool).repeat(rows, 1, 1)
-        depths = torch.zeros(rows, n, dtype=torch.long)
-        for row, (toks, parents, dep) in inputs.items():
-            tokens[row, : len(toks)] = torch.tensor(toks)
-            depths[row, : len(dep)] = torch.tensor(dep)
-            for i, p in enumerate(parents):
-                if p >= 0:
-                    mask[row, i] |= mask[row, p]
-        start = self.cache.lengths.clone()
+        rows = self._live_rows() if rows is None else rows
+        dummy = TreeRow.chain([self._tok.eot])
+        packed = pack_rows([inputs.get(row, dummy) for row in rows], self._tok.eot, self.device)
+        starts = self.cache.lengths(rows)
         t0 = time.perf_counter()
-        logp = self.draft.decode(tokens, self.cache, mask, depths)
-        if n == 1:
+        logp = self.draft.decode(packed.tokens, self.cache, rows, packed.mask, packed.depths)
+        for row, pos in (begin or {}).items():
+            b = rows.index(row)
+            logp[b, pos] = logp[b, pos].masked_fill(self.draft.begin_suppress, float("-inf"))
+        values, index = logp.topk(2, dim=-1)
+        host = torch.stack([self.draft.ids[index].to(values.dtype), values.exp()]).cpu()  # the pass's one sync
+        if packed.tokens.shape[1] == 1:
             self.costs.observe(draft_step=time.perf_counter() - t0)
-        self.cache.lengths = start  # nothing is kept until the caller says so
-        return logp
+        for row, start in zip(rows, starts):
+            self.cache.set_length(row, start)
+        ids, probs = host[0].long().tolist(), host[1].tolist()
+        return {row: [((i[0], p[0]), (i[1], p[1])) for i, p in zip(ids[b], probs[b])][: len(inputs[row].tokens)]
+                for b, row in enumerate(rows) if row in inputs}
 
     def _count_step(self, rounds: list[_Round], parallel: set[Hashable] = frozenset()) -> None:
         for r in rounds:
@@ -232,44 +291,33 @@ class Drafter:
                     toks.append(tok)
                     parents.append(p - 1 if j == 0 else at + j - 1)
                     depths.append(p + j)
-            inputs[r.row] = (toks, parents, depths)
+            inputs[r.row] = TreeRow(toks, parents, depths)
             layout[r.key] = spans
-        logp = self._forward(inputs)
-        self._count_step(rounds, parallel={r.key for r in rounds if len(inputs[r.row][0]) > 1})
+        choices = self._forward(inputs, begin={r.row: len(r.pending) - 1 for r in rounds if r.first})
+        self._count_step(rounds, parallel={r.key for r in rounds if len(inputs[r.row].tokens) > 1})
         for r in rounds:
             req = self.requests[r.key]
             p = len(r.pending)
-            row_logp = logp[r.row]
-            if r.first:
-                row_logp = row_logp.clone()
-                row_logp[p - 1] = row_logp[p - 1].masked_fill(self.draft.begin_suppress, float("-inf"))
+            row = choices[r.row]
             best, best_at = [], []
             for cand, at in zip(r.candidates, layout[r.key]):
                 agreed, prev = [], p - 1
                 for j, tok in enumerate(cand):
-                    choice = self._top(row_logp[prev])
-                    if choice[0] != tok or not self._keep_going(r, len(agreed), choice[1], [q for _, q, _ in agreed]):
+                    (top, prob), second = row[prev]
+                    if top != tok or not self._keep_going(r, len(agreed), prob, [q for _, q, _ in agreed]):
                         break
-                    agreed.append((tok, choice[1], self._second(row_logp[prev])))
+                    agreed.append((tok, prob, second))
                     prev = at + j
                 if len(agreed) > len(best):
                     best, best_at = agreed, list(range(at, at + len(agreed)))
             kept = list(range(p)) + best_at
-            self.cache.keep(r.row, int(self.cache.lengths[r.row]), kept)
+            self.cache.keep(r.row, self.cache.length(r.row), kept)
             req.cached = r.context + [t for t, _, _ in best]
             r.chain = [t for t, _, _ in best]
             r.probs = [q for _, q, _ in best]
             r.alts = [a for _, _, a in best]
             r.recycled = len(best)
-            r.next_logp = row_logp[kept[-1]]
-
-    def _top(self, logp: torch.Tensor) -> tuple[int, float]:
-        i = int(logp.argmax())
-        return int(self.draft.ids[i]), float(logp[i].exp())
-
-    def _second(self, logp: torch.Tensor) -> tuple[int, float]:
-        vals, idx = logp.topk(2)
-        return int(self.draft.ids[idx[1]]), float(vals[1].exp())
+            r.next = row[kept[-1]]
 
     def _keep_going(self, r: _Round, depth: int, prob: float, probs: list[float]) -> bool:
         if depth >= self._cap(r.budget):
@@ -289,64 +337,70 @@ class Drafter:
         would add, so chains are only topped up to ``min_chain`` tokens.
         """
         concurrent = self.config.concurrent_draft
-        active = [r for r in rounds if r.chain[-1:] != [self.tokenizer.eot]]
+        eot = self._tok.eot
+        active = [r for r in rounds if r.chain[-1:] != [eot]]
         while active:
             feeding = []
             for r in active:
-                tok, prob = self._top(r.next_logp)
-                if not self._keep_going(r, len(r.chain), prob, r.probs) or (concurrent and len(r.chain) >= self.config.min_chain):
+                (tok, prob), second = r.next
+                if not self._keep_going(r, len(r.chain), prob, r.probs) or (
+                        concurrent and len(r.chain) >= self.config.min_chain):
                     continue
-                r.alts.append(self._second(r.next_logp))
+                r.alts.append(second)
                 r.chain.append(tok)
                 r.probs.append(prob)
-                if tok == self.tokenizer.eot:
+                if tok == eot:
                     continue
                 if len(r.chain) >= self._cap(r.budget) and isinstance(self.bridge, IdentityBridge):
-                    r.next_logp = None  # the chain is at its cap, and the bridge needs no look-ahead
+                    r.next = None  # the chain is at its cap, and the bridge needs no look-ahead
                     continue
                 feeding.append(r)
             if not feeding:
                 return
-            logp = self._forward({r.row: ([r.chain[-1]], [-1], [0]) for r in feeding})
+            choices = self._forward({r.row: TreeRow.chain([r.chain[-1]]) for r in feeding})
             self._count_step(feeding)
             for r in feeding:
-                self.cache.keep(r.row, int(self.cache.lengths[r.row]), [0])
+                self.cache.keep(r.row, self.cache.length(r.row), [0])
                 self.requests[r.key].cached.append(r.chain[-1])
-                r.next_logp = logp[r.row, 0]
+                r.next = choices[r.row][0]
             active = feeding
 
     def _branch(self, rounds: list[_Round]) -> dict[Hashable, list[tuple[int, list[int], list[float], int | None]]]:
         """Pass two: (position, tokens, probs, next token) for alternatives at weak chain positions."""
+        eot = self._tok.eot
         plans = []
         for r in rounds:
             weak = sorted((p, i) for i, p in enumerate(r.probs) if p < self.config.tree_threshold
-                          and r.chain[i] != self.tokenizer.eot and i + self.config.tree_depth <= r.budget)
+                          and r.chain[i] != eot and i + self.config.tree_depth <= r.budget)
             for _, i in weak[: self.config.tree_branches]:
                 plans.append((r, i))
         if not plans:
             return {}
-        sub = self.cache.select([r.row for r, _ in plans])  # a private copy per branch
-        for j, (r, i) in enumerate(plans):  # cut each copy just before chain position i
-            sub.lengths[j] = len(self.requests[r.key].prefix) + len(r.context) + i
+        # a private row per branch, cut just before chain position i
+        forks = [self.cache.fork(r.row, len(self.requests[r.key].prefix) + len(r.context) + i) for r, i in plans]
         branches = [[r.alts[i][0]] for r, i in plans]
         probs = [[r.alts[i][1]] for r, i in plans]
         nexts: list[int | None] = [None] * len(plans)
         # the identity bridge needs no look-ahead past a branch's last token; the text bridge does
         steps = self.config.tree_depth - isinstance(self.bridge, IdentityBridge)
-        for step in range(steps):
-            live = [j for j, b in enumerate(branches) if b[-1] != self.tokenizer.eot]
-            if not live:
-                break
-            tokens = torch.tensor([[b[-1]] for b in branches])
-            logp = self.draft.decode(tokens, sub)[:, 0]
-            self._count_step(list({id(r): r for r, _ in plans}.values()))
-            for j in live:
-                tok, prob = self._top(logp[j])
-                if len(branches[j]) < self.config.tree_depth:
-                    branches[j].append(tok)
-                    probs[j].append(prob)
-                else:
-                    nexts[j] = tok
+        try:
+            for _ in range(steps):
+                live = [j for j, b in enumerate(branches) if b[-1] != eot]
+                if not live:
+                    break
+                choices = self._forward({row: TreeRow.chain([b[-1]]) for row, b in zip(forks, branches)}, rows=forks)
+                for row in forks:
+                    self.cache.advance([row], 1)
+                self._count_step(list({id(r): r for r, _ in plans}.values()))
+                for j in live:
+                    tok, prob = choices[forks[j]][0][0]
+                    if len(branches[j]) < self.config.tree_depth:
+                        branches[j].append(tok)
+                        probs[j].append(prob)
+                    else:
+                        nexts[j] = tok
+        finally:
+            self.cache.release(forks)
         out: dict[Hashable, list] = {}
         for (r, i), b, p, nxt in zip(plans, branches, probs, nexts):
             out.setdefault(r.key, []).append((i, b, p, nxt))
@@ -355,7 +409,7 @@ class Drafter:
     def _to_tree(self, r: _Round, branches: list) -> DraftTree:
         req = self.requests[r.key]
         tree = DraftTree()
-        next_tok = self._top(r.next_logp)[0] if r.next_logp is not None else None
+        next_tok = r.next[0][0] if r.next is not None else None
         chain = self.bridge.to_target(r.chain, r.probs, next_tok)
         recycled = 0
         if r.recycled:
@@ -366,30 +420,45 @@ class Drafter:
             mapped = self.bridge.to_target(r.chain[:i] + tokens, r.probs[:i] + probs, nxt)
             if len(tree) + len(mapped.tokens) <= r.budget:  # the target has room for every node
                 tree.add_path(ROOT, mapped.tokens, mapped.probs)
-        req.proposal = [t for t in r.chain if t != self.tokenizer.eot]
+        req.proposal = [t for t in r.chain if t != self._tok.eot]
         req.proposal_at = r.context_bytes
         return tree
 
     # ---- feedback ----------------------------------------------------------------------------------
-    def observe(self, key: Hashable, tree: DraftTree, acceptance: Acceptance) -> None:
-        """Statistics, calibration of the stopping rule, and the decision to fall back to AR."""
-        req = self.requests[key]
-        st = req.stats
-        if len(tree):
-            st.drafted_tokens += len(tree)
-            st.tree_nodes += len(tree)
-            st.accepted_tokens += len(acceptance.nodes)
-            st.recycled_accepted += sum(tree.recycled[i] for i in acceptance.nodes)
-            st.acceptance_lengths[len(acceptance.nodes)] += 1
-            on_chain = common_prefix(req.chain_nodes, acceptance.nodes)
-            self.policy.observe([tree.probs[i] for i in req.chain_nodes], on_chain)
-        if not req.enabled:
-            return
-        req.passes += 1
-        req.accepted += len(acceptance.nodes)
-        # drafting pays while accepted tokens save more target passes than the draft steps cost
-        paid = st.draft_steps * self.costs.draft_step / self.costs.verify + self.config.min_accept * req.passes
-        if req.passes >= self.config.fallback_after and req.accepted < paid:
-            req.enabled = False
-            st.fallback = f"low acceptance ({req.accepted / req.passes:.2f} tokens per pass)"
-            self.release([key])
+    def feedback(self, emitted: dict[Hashable, list[int]], seconds: float | None = None) -> None:
+        """What one target pass emitted for each request (accepted draft tokens, then the target's own),
+        and what the pass cost (``None``: unknown, e.g. a pass that verified no draft).
+
+        Updates statistics, calibrates the stopping rule, prices verification for it, and decides
+        whether drafting still pays for each request (else the request continues as AR).
+        """
+        if seconds is not None:
+            self.costs.observe(verify=seconds)
+        stop = []
+        for key, tokens in emitted.items():
+            req = self.requests[key]
+            st = req.stats
+            st.target_passes += 1
+            st.output_tokens += len(tokens)
+            tree, req.last_tree = req.last_tree, None
+            if tree is None:  # nothing was proposed for this pass (a prefill, or a host that skipped drafting)
+                continue
+            acceptance = accepted_path(tree, tokens)
+            if len(tree):
+                st.drafted_tokens += len(tree)
+                st.accepted_tokens += len(acceptance.nodes)
+                st.recycled_accepted += sum(tree.recycled[i] for i in acceptance.nodes)
+                st.acceptance_lengths[len(acceptance.nodes)] += 1
+                on_chain = common_prefix(req.chain_nodes, acceptance.nodes)
+                self.policy.observe([tree.probs[i] for i in req.chain_nodes], on_chain)
+            if not req.enabled:
+                continue
+            req.passes += 1
+            req.accepted += len(acceptance.nodes)
+            # drafting pays while accepted tokens save more target passes than the draft steps cost
+            paid = st.draft_steps * self.costs.draft_step / self.costs.verify + self.config.min_accept * req.passes
+            if req.passes >= self.config.fallback_after and req.accepted < paid:
+                req.enabled = False
+                st.fallback = f"low acceptance ({req.accepted / req.passes:.2f} tokens per pass)"
+                stop.append(key)
+        self._stop_drafting(stop)

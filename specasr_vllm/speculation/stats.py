@@ -9,21 +9,20 @@ from dataclasses import dataclass, field
 @dataclass
 class SpecStats:
     output_tokens: int = 0
-    target_passes: int = 0  # target forwards after the prefill (each verifies one tree, or is an AR step)
+    target_passes: int = 0  # target forwards that emitted tokens (the prefill, then each verification or AR step)
     draft_steps: int = 0  # draft forwards on the critical path, each one sequential step
     draft_parallel_passes: int = 0  # of which fed several tokens at once (catch-up and recycling re-checks)
     draft_steps_hidden: int = 0  # draft steps run concurrently with target passes (off the critical path)
     drafted_tokens: int = 0  # target-space tokens proposed (chain and tree)
     accepted_tokens: int = 0  # drafted tokens the target kept
     recycled_accepted: int = 0  # accepted tokens that came from recycling
-    tree_nodes: int = 0  # nodes verified
     fallback: str | None = None  # why drafting was switched off for this request, if it was
     acceptance_lengths: Counter = field(default_factory=Counter)  # accepted drafted tokens per verifying pass
 
     def merge(self, other: "SpecStats") -> None:
         for name in ("output_tokens", "target_passes", "draft_steps", "draft_parallel_passes", "draft_steps_hidden",
                      "drafted_tokens",
-                     "accepted_tokens", "recycled_accepted", "tree_nodes"):
+                     "accepted_tokens", "recycled_accepted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.acceptance_lengths.update(other.acceptance_lengths)
         self.fallback = self.fallback or other.fallback
@@ -40,6 +39,6 @@ class SpecStats:
             "draft_parallel_passes": self.draft_parallel_passes, "draft_steps_hidden": self.draft_steps_hidden,
             "drafted_tokens": self.drafted_tokens,
             "accepted_tokens": self.accepted_tokens, "recycled_accepted": self.recycled_accepted,
-            "tree_nodes": self.tree_nodes, "fallback": self.fallback, "mean_acceptance": round(self.mean_acceptance, 3),
+            "fallback": self.fallback, "mean_acceptance": round(self.mean_acceptance, 3),
             "acceptance_lengths": dict(sorted(self.acceptance_lengths.items())),
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+from specasr_vllm.models.packing import TreeRow
 
 ROOT = -1
 
@@ -69,17 +69,11 @@ class DraftTree:
             node = self.parents[node]
         return path[::-1]
 
-    def verification_inputs(self, last_token: int) -> tuple[list[int], torch.Tensor, list[int]]:
-        """Tokens, (n+1, n+1) ancestor mask and depths for one target pass over [last_token] + nodes.
-
-        Input 0 is the root (the target's last emitted token, not yet in its cache); input ``i + 1``
-        is node ``i`` and sees exactly the root, its ancestors and itself.
-        """
-        n = len(self) + 1
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        mask[:, 0] = True
+    def verification_row(self, last_token: int) -> TreeRow:
+        """One target pass over [last_token] + nodes: input 0 is the root (the target's last emitted
+        token, not yet in its cache); input ``i + 1`` is node ``i`` and sees the root, its ancestors
+        and itself (parents precede children, so depths follow in one sweep)."""
         depths = [0]
-        for i in range(len(self)):
-            mask[i + 1, [a + 1 for a in self.path_to(i)]] = True
-            depths.append(self.depth(i))
-        return [last_token, *self.tokens], mask, depths
+        for parent in self.parents:
+            depths.append(depths[parent + 1] + 1)
+        return TreeRow([last_token, *self.tokens], [-1] + [p + 1 for p in self.parents], depths)

@@ -25,16 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from specasr_vllm.config import DRAFT_MARGIN_FRAMES, VLLMPluginConfig
+from specasr_vllm.config import VLLMPluginConfig
 from specasr_vllm.models.registry import load_model
 from specasr_vllm.models.tokenizer import WhisperTokenizer
-from specasr_vllm.speculation.acceptance import Acceptance
-from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.speculation.bridge import IdentityBridge, make_bridge
-from specasr_vllm.speculation.draft_model import DraftModel
-from specasr_vllm.speculation.drafter import Drafter
-from specasr_vllm.speculation.stats import SpecStats
-from specasr_vllm.speculation.tree import DraftTree
+from specasr_vllm.speculation import Drafter, SpecStats
+from specasr_vllm.speculation.requests import audio_frames  # noqa: F401  (re-exported: tests and tools use it)
 from specasr_vllm.vllm_plugin.version import check_vllm
 
 log = logging.getLogger(__name__)
@@ -54,18 +49,10 @@ class SpecASRProposer:
         device = torch.device(vllm_config.device_config.device)
         draft = load_model(self.settings.draft, device, torch.float32 if device.type == "cpu" else torch.float16)
         _raise_if_mel_mismatch(hf.num_mel_bins, draft.n_mels, self.settings.draft)
-        spec = self.settings.spec_config()
-        self.costs = Costs()
-        policy = ConfidencePolicy(spec.threshold, cap=spec.max_draft, auto=spec.auto_threshold, costs=self.costs) \
-            if spec.adaptive else FixedLength(spec.k)
-        bridge = make_bridge(self.target_tokenizer, draft.tokenizer)
-        self.drafter = Drafter(DraftModel(draft, spec), bridge, spec, policy, self.costs)
-        self.draft_timestamps = isinstance(bridge, IdentityBridge)  # else the bridge carries text only
+        self.drafter = Drafter.build(draft, self.target_tokenizer, self.settings.spec_config())
         self.runner: Any = None
         self.scheduler_output: Any = None
         self._prompt_len: dict[str, int] = {}
-        self._audio: dict[str, torch.Tensor] = {}  # log-mel features of requests not yet drafting
-        self._last: dict[str, DraftTree] = {}  # each request's chain from the previous step
         self._step_done = 0.0
         self._drafted = False  # whether the last call proposed anything
         self.totals = SpecStats()  # over finished requests
@@ -89,18 +76,18 @@ class SpecASRProposer:
         """Draft tokens per batch slot (possibly none), after each slot's newest sampled tokens."""
         self._raise_if_unbound()
         started = time.perf_counter()
-        if self._drafted:  # the time since the last proposal went into verifying it (the adaptive rule's price)
-            self.costs.observe(verify=started - self._step_done)
         sched = self.scheduler_output
         self._forget(set(sched.finished_req_ids) | set(sched.preempted_req_ids or ()))
         req_ids = list(self.runner.input_batch.req_ids[: len(sampled_token_ids)])
         self._start([rid for rid in req_ids if rid not in self._prompt_len])
+        # what the last step emitted per request; the time since the last proposal went into verifying it
+        emitted = {rid: sampled for rid, sampled in zip(req_ids, sampled_token_ids) if sampled}
+        self.drafter.feedback(emitted, started - self._step_done if self._drafted else None)
         outputs, budgets = {}, {}
         for row, rid in enumerate(req_ids):
             sampled = sampled_token_ids[row]
             if not sampled:  # a partial prefill or a discarded step: nothing new to draft after
                 continue
-            self._feedback(rid, sampled)
             end = int(num_tokens_no_spec[row])
             if sampled[-1] == self.target_tokenizer.eot or end >= self.max_model_len - 1:
                 continue  # finished: vLLM says so next step
@@ -108,14 +95,14 @@ class SpecASRProposer:
             budgets[rid] = min(self.max_draft, self.max_model_len - end - 1)
         trees = {}
         if 0 < len(outputs) <= self.settings.max_batch:  # past it the step is plain vLLM (see config)
-            self._encode_waiting(list(outputs))
             trees = self.drafter.propose(outputs, budgets)
         drafts = []
         for rid in req_ids:
             tree = trees.get(rid)
             tokens = list(tree.tokens) if tree is not None else []
             if tree is not None:
-                self._last[rid] = tree
+                if tree.max_depth() != len(tree):
+                    raise RuntimeError("vLLM verifies one chain per request; the drafter proposed a tree")
                 self.draft_lengths[len(tokens)] += 1
             drafts.append(tokens)
         self._step_done = time.perf_counter()
@@ -129,51 +116,24 @@ class SpecASRProposer:
 
     # ---- request lifecycle ---------------------------------------------------------------------
     def _start(self, new: list[str]) -> None:
-        """Register requests seen for the first time: language and task from the decoder prompt, and
-        a copy of the target's log-mel features, trimmed to the audio, for the draft encoder."""
-        tok, draft_tok = self.target_tokenizer, self.drafter.tokenizer
+        """Register requests seen for the first time: language, task and timestamps from the decoder
+        prompt, and a copy of the target's log-mel features for the draft encoder."""
+        tok = self.target_tokenizer
         for rid in new:
             state = self.runner.requests[rid]
             prompt = list(state.prompt_token_ids or [])
             self._prompt_len[rid] = len(prompt)
             language = next((code for code, i in tok.language_ids.items() if i in prompt), "en")
             task = "translate" if tok.translate in prompt else "transcribe"
-            timestamps = tok.no_timestamps not in prompt and self.draft_timestamps
-            prefix = draft_tok.prefix(language if draft_tok.multilingual else None, task, timestamps)
-            # an English-only draft does not serve other languages or translation: plain vLLM for those
-            serves = draft_tok.multilingual or (language == "en" and task == "transcribe")
-            self.drafter.add([rid], None, [prefix], [serves])
-            if serves:
-                mel = _input_features(state)
-                self._audio[rid] = mel[:, : audio_frames(mel)] if self.drafter.config.draft_unpadded else mel.clone()
-
-    def _encode_waiting(self, rids: list[str]) -> None:
-        """Run the draft encoder for requests about to draft for the first time (each over its own frames);
-        requests that never draft (a batch too large throughout) never pay for it."""
-        model = self.drafter.draft
-        for rid in rids:
-            if (mel := self._audio.pop(rid, None)) is not None:
-                self.drafter.attach([rid], model.encode(mel[None].to(model.model.device)))
-
-    def _feedback(self, rid: str, sampled: list[int]) -> None:
-        """The target kept ``len(sampled) - 1`` tokens of the last chain (then its own bonus token)."""
-        stats = self.drafter.stats(rid)
-        stats.target_passes += 1
-        stats.output_tokens += len(sampled)
-        tree = self._last.pop(rid, None)
-        if tree is not None:
-            self.drafter.observe(rid, tree, Acceptance(nodes=list(range(len(sampled) - 1)), bonus=sampled[-1]))
+            self.drafter.start(rid, language, task, timestamps=tok.no_timestamps not in prompt,
+                               mel=_input_features(state).clone())
 
     def _forget(self, gone: set[str]) -> None:
         known = [rid for rid in gone if rid in self._prompt_len]
-        for rid in known:
-            stats = self.drafter.stats(rid)
+        for rid, stats in self.drafter.release(known).items():
             self.totals.merge(stats)
             self.fallbacks[stats.fallback] += stats.fallback is not None
             del self._prompt_len[rid]
-            self._last.pop(rid, None)
-            self._audio.pop(rid, None)
-        self.drafter.forget(known)
 
     def stats(self) -> dict:
         """Counters over every request seen (finished and live), the draft-length histogram, the
@@ -198,20 +158,6 @@ class SpecASRProposer:
                 "SpecASRProposer needs the specasr_vllm general plugin (entry point 'vllm.general_plugins'), "
                 "which hands it request ids and audio; is specasr-vllm installed in this environment, and "
                 "VLLM_PLUGINS (if set) listing 'specasr'?")
-
-
-def audio_frames(mel: torch.Tensor) -> int:
-    """How many leading frames of Whisper log-mel features (n_mels, frames) hold audio, plus a margin.
-
-    The processor pads audio with zeros to 30 s; a zero frame's log-mel is the clamp floor in every
-    bin, so the audio ends after the last frame with any bin above the floor. (Digital silence inside
-    the audio looks the same; the draft merely sees less of it, which costs no accuracy.)
-    """
-    floor = mel.min()
-    sounding = (mel > floor + 1e-4).any(dim=0).nonzero()
-    end = int(sounding[-1]) + 1 if len(sounding) else 0
-    frames = min(mel.shape[1], end + DRAFT_MARGIN_FRAMES)
-    return frames + frames % 2  # the encoder's stride-2 convolution halves it
 
 
 def _input_features(state: Any) -> torch.Tensor:
