@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from specasr_vllm.models.tokenizer import WhisperTokenizer
-from specasr_vllm.speculation.acceptance import accept_greedy
+from specasr_vllm.models.packing import TreeRow, pack_rows
+from specasr_vllm.speculation.acceptance import Acceptance, accept_greedy, accepted_path
 from specasr_vllm.speculation.adaptive import ConfidencePolicy, FixedLength
 from specasr_vllm.speculation.bridge import IdentityBridge, TextBridge, make_bridge
 from specasr_vllm.speculation.recycling import common_prefix, recycle_candidates
@@ -19,17 +20,24 @@ def test_chain_is_a_tree_with_one_child_per_node():
     tree = DraftTree.chain([5, 6, 7], [0.9, 0.8, 0.7])
     assert tree.parents == [ROOT, 0, 1]
     assert [tree.depth(i) for i in range(3)] == [1, 2, 3]
-    toks, mask, depths = tree.verification_inputs(4)
-    assert toks == [4, 5, 6, 7] and depths == [0, 1, 2, 3]
-    assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).tril())
+    row = tree.verification_row(4)
+    assert row.tokens == [4, 5, 6, 7] and row.depths == [0, 1, 2, 3] and row.parents == [-1, 0, 1, 2]
+    packed = pack_rows([row], EOT, torch.device("cpu"))
+    assert torch.equal(packed.mask[0], torch.ones(4, 4, dtype=torch.bool).tril())
 
 
 def test_tree_mask_and_trie_merge():
     tree = DraftTree.chain([5, 6, 7])
     path = tree.add_path(ROOT, [5, 8, 9])  # shares node 5, branches at depth 2
     assert path == [0, 3, 4] and len(tree) == 5
-    toks, mask, depths = tree.verification_inputs(1)
-    assert toks == [1, 5, 6, 7, 8, 9] and depths == [0, 1, 2, 3, 2, 3]
+    row = tree.verification_row(1)
+    assert row.tokens == [1, 5, 6, 7, 8, 9] and row.depths == [0, 1, 2, 3, 2, 3]
+    # packed beside a shorter row: padding sees only itself, the short row is unchanged
+    packed = pack_rows([row, TreeRow.chain([3, 4])], EOT, torch.device("cpu"))
+    mask = packed.mask[0]
+    assert packed.tokens[1].tolist() == [3, 4, EOT, EOT, EOT, EOT] and packed.depths[1].tolist() == [0, 1, 0, 0, 0, 0]
+    assert torch.equal(packed.mask[1], torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]] + [
+        [int(i == j) for j in range(6)] for i in range(2, 6)], dtype=torch.bool))
     expected = torch.tensor([
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
@@ -39,6 +47,16 @@ def test_tree_mask_and_trie_merge():
         [1, 1, 0, 0, 1, 1],
     ], dtype=torch.bool)
     assert torch.equal(mask, expected)
+
+
+def test_accepted_path_recovers_nodes_from_emitted_tokens():
+    """A host that samples on its own reports tokens; the drafter recovers the nodes, for any tree."""
+    tree = DraftTree.chain([5, 6, 7])
+    tree.add_path(ROOT, [5, 8, 9])
+    assert accepted_path(tree, [5, 8, 4]) == Acceptance([0, 3], 4)
+    assert accepted_path(tree, [2]) == Acceptance([], 2)
+    with pytest.raises(ValueError, match="not a child"):
+        accepted_path(tree, [5, 9, 1])
 
 
 @pytest.mark.parametrize(

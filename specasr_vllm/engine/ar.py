@@ -27,7 +27,7 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
     """
     model = asr.model
     with BatchRows(model, audio_features, cache) as batch:
-        prefill = model.decode(torch.tensor(prefixes), batch.cache, batch.rows)
+        prefill = model.decode(torch.tensor(prefixes, device=model.device), batch.cache, batch.rows)
         outputs = [Decoded(no_speech_prob=p) for p in rules.no_speech_prob(prefill, prefixes[0])]
         logits = prefill[:, -1]
         first = True
@@ -43,6 +43,6 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
             batch.keep(keep)
             if not batch.active:
                 break
-            step = torch.tensor([[outputs[i].tokens[-1]] for i in batch.active])
+            step = torch.tensor([[outputs[i].tokens[-1]] for i in batch.active], device=model.device)
             logits = model.decode(step, batch.cache, batch.rows)[:, -1]
     return outputs

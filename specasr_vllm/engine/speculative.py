@@ -39,7 +39,7 @@ def decode_speculative(
     model = asr.model
     limit = [max_positions - len(p) for p in prefixes]  # tokens each row may emit
     with BatchRows(model, audio_features, cache) as batch:
-        prefill = model.decode(torch.tensor(prefixes), batch.cache, batch.rows)
+        prefill = model.decode(torch.tensor(prefixes, device=model.device), batch.cache, batch.rows)
         outputs = [Decoded(no_speech_prob=p) for p in rules.no_speech_prob(prefill, prefixes[0])]
         first, logprobs = rules.pick(prefill[:, -1], True, [[] for _ in prefixes] if timestamps else None)
         for out, tok, logprob in zip(outputs, first, logprobs):

@@ -34,14 +34,15 @@ class PackedRows:
 def pack_rows(rows: list[TreeRow], pad_token: int, device: torch.device, width: int | None = None) -> PackedRows:
     """Rows padded to ``width`` (default: the longest row), with each token's ancestor mask."""
     n = width or max(len(r.tokens) for r in rows)
-    tokens = torch.full((len(rows), n), pad_token, dtype=torch.long)
-    mask = torch.eye(n, dtype=torch.bool).repeat(len(rows), 1, 1)
-    depths = torch.zeros(len(rows), n, dtype=torch.long)
+    host = torch.device("cpu")
+    tokens = torch.full((len(rows), n), pad_token, dtype=torch.long, device=host)
+    mask = torch.eye(n, dtype=torch.bool, device=host).repeat(len(rows), 1, 1)
+    depths = torch.zeros(len(rows), n, dtype=torch.long, device=host)
     for b, row in enumerate(rows):
         if len(row.tokens) > n:
             raise ValueError(f"row of {len(row.tokens)} tokens does not fit width {n}")
-        tokens[b, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
-        depths[b, : len(row.depths)] = torch.tensor(row.depths, dtype=torch.long)
+        tokens[b, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long, device=host)
+        depths[b, : len(row.depths)] = torch.tensor(row.depths, dtype=torch.long, device=host)
         for i, parent in enumerate(row.parents):
             if parent >= 0:
                 mask[b, i] |= mask[b, parent]
