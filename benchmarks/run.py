@@ -30,6 +30,7 @@ from specasr_vllm.audio import decode_audio
 from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, default_manifest
 from specasr_vllm.evaluation import read_manifest, total, word_errors
 from specasr_vllm.models.registry import load_model
+from specasr_vllm.speculation.stats import COUNTERS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEC_VARIANTS = {  # name -> (method, SpecConfig switches): the paper's baseline and SpecASR's ablations
@@ -113,8 +114,7 @@ def summarise(methods: list, entries: list, runs: dict) -> dict[str, dict]:
                 "identical_to_ar": None if ar is None else first.tokens == ar[e.id],
             })
             wers.append(word_errors(e.text, first.text, e.language))
-            for k in ("output_tokens", "target_passes", "draft_steps", "draft_steps_hidden", "accepted_tokens",
-                      "drafted_tokens", "recycled_accepted"):
+            for k in COUNTERS:
                 stats[k] += first.stats.get(k, 0)
             hist.update({int(k): v for k, v in first.stats.get("acceptance_lengths", {}).items()})
         s = {"kind": m.kind, "lossless": m.lossless, "files": per_file}

@@ -18,6 +18,7 @@ from torch import nn
 from specasr_vllm.config import SpecConfig
 from specasr_vllm.models.kv_cache import DecoderCache
 from specasr_vllm.models.registry import ASRModel
+from specasr_vllm.models.rules import Suppression
 from specasr_vllm.models.whisper import Whisper
 
 
@@ -41,11 +42,8 @@ class DraftModel:
                 self.model = Whisper(self.model.dims, encoder=self.model.encoder,
                                      decoder=quantize(self.model.decoder, {nn.Linear}, dtype=torch.qint8))
                 self.head = quantize(nn.Sequential(self.head), {nn.Linear}, dtype=torch.qint8)
-        ids = self.ids.tolist()
-        suppressed = set(asr.suppress_tokens)
-        self.suppress = torch.tensor([i in suppressed for i in ids], device=device)
-        begin = suppressed | set(asr.begin_suppress_tokens)
-        self.begin_suppress = torch.tensor([i in begin for i in ids], device=device)
+        rules = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)  # Whisper's, in one place
+        self.suppress, self.begin_suppress = rules.suppress[self.ids], rules.begin_suppress[self.ids]
 
     @property
     def device(self) -> torch.device:

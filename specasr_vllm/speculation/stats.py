@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -20,9 +20,7 @@ class SpecStats:
     acceptance_lengths: Counter = field(default_factory=Counter)  # accepted drafted tokens per verifying pass
 
     def merge(self, other: "SpecStats") -> None:
-        for name in ("output_tokens", "target_passes", "draft_steps", "draft_parallel_passes", "draft_steps_hidden",
-                     "drafted_tokens",
-                     "accepted_tokens", "recycled_accepted"):
+        for name in COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.acceptance_lengths.update(other.acceptance_lengths)
         self.fallback = self.fallback or other.fallback
@@ -34,11 +32,9 @@ class SpecStats:
         return (self.accepted_tokens + passes) / passes if passes else 0.0
 
     def to_dict(self) -> dict:
-        return {
-            "output_tokens": self.output_tokens, "target_passes": self.target_passes, "draft_steps": self.draft_steps,
-            "draft_parallel_passes": self.draft_parallel_passes, "draft_steps_hidden": self.draft_steps_hidden,
-            "drafted_tokens": self.drafted_tokens,
-            "accepted_tokens": self.accepted_tokens, "recycled_accepted": self.recycled_accepted,
-            "fallback": self.fallback, "mean_acceptance": round(self.mean_acceptance, 3),
-            "acceptance_lengths": dict(sorted(self.acceptance_lengths.items())),
-        }
+        return {**{name: getattr(self, name) for name in COUNTERS}, "fallback": self.fallback,
+                "mean_acceptance": round(self.mean_acceptance, 3),
+                "acceptance_lengths": dict(sorted(self.acceptance_lengths.items()))}
+
+
+COUNTERS = tuple(f.name for f in fields(SpecStats) if f.type in (int, "int"))  # the additive counters
