@@ -84,8 +84,9 @@ class Drafter:
     what the target emitted and releases requests; statistics and cost estimates live here.
     """
 
-    def __init__(self, draft: DraftModel, bridge: TokenBridge, config: SpecConfig):
+    def __init__(self, draft: DraftModel, bridge: TokenBridge, config: SpecConfig, target_eot: int):
         self.draft, self.bridge, self.config = draft, bridge, config
+        self._target_eot = target_eot
         self.costs = Costs()
         self.policy: ConfidencePolicy | FixedLength = (
             ConfidencePolicy(config.threshold, cap=config.max_draft, auto=config.auto_threshold, costs=self.costs)
@@ -98,7 +99,8 @@ class Drafter:
     @classmethod
     def build(cls, draft: ASRModel, target_tokenizer: WhisperTokenizer, config: SpecConfig) -> "Drafter":
         """A drafter for ``draft`` (loaded on the device it should run on) proposing in the target's vocabulary."""
-        return cls(DraftModel(draft, config), make_bridge(target_tokenizer, draft.tokenizer), config)
+        return cls(DraftModel(draft, config), make_bridge(target_tokenizer, draft.tokenizer), config,
+                   target_tokenizer.eot)
 
     @property
     def device(self) -> torch.device:
@@ -439,7 +441,7 @@ class Drafter:
             req = self.requests[key]
             st = req.stats
             st.target_passes += 1
-            st.output_tokens += len(tokens)
+            st.output_tokens += sum(t != self._target_eot for t in tokens)  # text and timestamps, not the end
             tree, req.last_tree = req.last_tree, None
             if tree is None:  # nothing was proposed for this pass (a prefill, or a host that skipped drafting)
                 continue
