@@ -28,7 +28,7 @@ _LENGTH_BUCKETS = tuple(float(n) for n in range(25))
 
 
 @dataclass(frozen=True)
-class _Spec:
+class _Metric:
     attr: str
     kind: str  # counter | gauge | histogram
     name: str
@@ -38,26 +38,26 @@ class _Spec:
 
 
 METRICS = (
-    _Spec("requests", "counter", "specasr:requests", "Finished HTTP requests by endpoint and status code.",
+    _Metric("requests", "counter", "specasr:requests", "Finished HTTP requests by endpoint and status code.",
           ("endpoint", "status")),
-    _Spec("latency", "histogram", "specasr:e2e_request_latency_seconds", "Time from request to last byte.",
+    _Metric("latency", "histogram", "specasr:e2e_request_latency_seconds", "Time from request to last byte.",
           ("endpoint",), _LATENCY_BUCKETS),
-    _Spec("ttft", "histogram", "specasr:time_to_first_token_seconds", "Streams: time from request to the first text.",
+    _Metric("ttft", "histogram", "specasr:time_to_first_token_seconds", "Streams: time from request to the first text.",
           (), _LATENCY_BUCKETS),
-    _Spec("audio_seconds", "counter", "specasr:audio_seconds", "Seconds of audio transcribed."),
-    _Spec("rtf", "histogram", "specasr:real_time_factor", "Engine time over audio duration, per request.",
+    _Metric("audio_seconds", "counter", "specasr:audio_seconds", "Seconds of audio transcribed."),
+    _Metric("rtf", "histogram", "specasr:real_time_factor", "Engine time over audio duration, per request.",
           (), _RTF_BUCKETS),
-    _Spec("waiting", "gauge", "specasr:num_requests_waiting", "Requests queued for the engine."),
-    _Spec("running", "gauge", "specasr:num_requests_running", "Requests in the engine's current batch."),
-    _Spec("generation_tokens", "counter", "specasr:generation_tokens", "Tokens generated."),
-    _Spec("target_passes", "counter", "specasr:target_passes", "Target decoder passes after the prefill."),
-    _Spec("drafts", "counter", "specasr:spec_decode_num_drafts", "Verification passes that checked a draft."),
-    _Spec("draft_tokens", "counter", "specasr:spec_decode_num_draft_tokens", "Drafted tokens verified."),
-    _Spec("accepted_tokens", "counter", "specasr:spec_decode_num_accepted_tokens", "Drafted tokens accepted."),
-    _Spec("recycled_tokens", "counter", "specasr:spec_decode_num_recycled_tokens",
+    _Metric("waiting", "gauge", "specasr:num_requests_waiting", "Requests queued for the engine."),
+    _Metric("running", "gauge", "specasr:num_requests_running", "Requests in the engine's current batch."),
+    _Metric("generation_tokens", "counter", "specasr:generation_tokens", "Tokens generated."),
+    _Metric("target_passes", "counter", "specasr:target_passes", "Target decoder passes that emitted tokens (prefill included)."),
+    _Metric("drafts", "counter", "specasr:spec_decode_num_drafts", "Verification passes that checked a draft."),
+    _Metric("draft_tokens", "counter", "specasr:spec_decode_num_draft_tokens", "Drafted tokens verified."),
+    _Metric("accepted_tokens", "counter", "specasr:spec_decode_num_accepted_tokens", "Drafted tokens accepted."),
+    _Metric("recycled_tokens", "counter", "specasr:spec_decode_num_recycled_tokens",
           "Accepted tokens that came from draft recycling."),
-    _Spec("draft_steps", "counter", "specasr:spec_decode_num_draft_steps", "Sequential draft model steps."),
-    _Spec("acceptance_length", "histogram", "specasr:spec_decode_acceptance_length",
+    _Metric("draft_steps", "counter", "specasr:spec_decode_num_draft_steps", "Sequential draft model steps."),
+    _Metric("acceptance_length", "histogram", "specasr:spec_decode_acceptance_length",
           "Accepted drafted tokens per verification pass.", (), _LENGTH_BUCKETS),
 )
 
@@ -120,31 +120,31 @@ class Metrics:
     def __init__(self, backend: str = "prometheus") -> None:
         self.backend = backend
         self.registry = prom.CollectorRegistry()
-        for spec in METRICS:
-            setattr(self, spec.attr, self._make(spec))
+        for metric in METRICS:
+            setattr(self, metric.attr, self._make(metric))
         if backend == "ray":
-            gauges = [getattr(self, spec.attr) for spec in METRICS if spec.kind == "gauge"]
+            gauges = [getattr(self, metric.attr) for metric in METRICS if metric.kind == "gauge"]
             for gauge in gauges:
                 if not gauge.keys:
                     gauge.set(0)
             threading.Thread(target=_keep_sending, args=(gauges,), name="specasr-gauges", daemon=True).start()
 
-    def _make(self, spec: _Spec):
+    def _make(self, metric: _Metric):
         if self.backend == "ray":
             from ray.util import metrics as ray_metrics
 
-            kwargs = {"description": spec.doc, "tag_keys": spec.labels}
-            if spec.kind == "histogram":
-                metric = ray_metrics.Histogram(ray_name(spec.name), boundaries=[b for b in spec.buckets if b > 0],
-                                               **kwargs)
-            elif spec.kind == "gauge":
-                return _RayGauge(ray_metrics.Gauge(ray_name(spec.name), **kwargs), spec.labels)
+            kwargs = {"description": metric.doc, "tag_keys": metric.labels}
+            if metric.kind == "histogram":
+                made = ray_metrics.Histogram(ray_name(metric.name), boundaries=[b for b in metric.buckets if b > 0],
+                                             **kwargs)
+            elif metric.kind == "gauge":
+                return _RayGauge(ray_metrics.Gauge(ray_name(metric.name), **kwargs), metric.labels)
             else:
-                metric = ray_metrics.Counter(ray_name(spec.name), **kwargs)
-            return _RayMetric(metric, spec.labels)
-        cls = {"counter": prom.Counter, "gauge": prom.Gauge, "histogram": prom.Histogram}[spec.kind]
-        extra = {"buckets": spec.buckets} if spec.kind == "histogram" else {}
-        return cls(spec.name, spec.doc, spec.labels, registry=self.registry, **extra)
+                made = ray_metrics.Counter(ray_name(metric.name), **kwargs)
+            return _RayMetric(made, metric.labels)
+        cls = {"counter": prom.Counter, "gauge": prom.Gauge, "histogram": prom.Histogram}[metric.kind]
+        extra = {"buckets": metric.buckets} if metric.kind == "histogram" else {}
+        return cls(metric.name, metric.doc, metric.labels, registry=self.registry, **extra)
 
     def observe_transcript(self, audio_seconds: float, engine_seconds: float, stats: SpecStats) -> None:
         self.audio_seconds.inc(audio_seconds)
@@ -171,4 +171,4 @@ _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
 
 def metric_names() -> set[str]:
     """Every series name the standalone server exports (with counter and histogram suffixes)."""
-    return {spec.name + suffix for spec in METRICS for suffix in _SUFFIXES[spec.kind]}
+    return {spec.name + suffix for metric in METRICS for suffix in _SUFFIXES[spec.kind]}
