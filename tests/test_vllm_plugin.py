@@ -1,12 +1,13 @@
 """The SpecASR proposer inside vLLM 0.32 on this CPU (target whisper-base, draft whisper-tiny.en).
 
-One vLLM engine per method, each in its own process (``specasr_vllm.vllm_plugin.offline``, drafting
-for the whole batch so that batched drafting is exercised), over
-every twelfth English dev file up to 30 s (one window, like vLLM's offline engine) plus the German one: vLLM + SpecASR gives exactly vLLM's own
-tokens, vLLM alone gives the embedded engine's tokens (Whisper's suppression applied by the plugin),
-vLLM's ``spec_decode`` counters agree with the proposer's, draft lengths vary per request and step,
-recycled tokens are counted, and the German request never drafts. Then the one-command server:
-``specasr serve --engine vllm`` answers ``/v1/audio/transcriptions`` and counts drafts at ``/metrics``.
+One vLLM engine per method, each in its own process (``specasr_vllm.vllm_plugin.offline``, drafting for
+the whole batch so that batched drafting is exercised), over every twelfth English dev file up to 30 s
+(one window, like vLLM's offline engine) plus the German one: vLLM + SpecASR gives exactly vLLM's own
+tokens, vLLM alone gives the embedded engine's tokens (Whisper's suppression applied by the plugin, on
+the V1 model runner its hooks wrap), vLLM's ``spec_decode`` counters agree with the proposer's, draft
+lengths vary per request and step, recycled tokens are counted, and the German request never drafts.
+Then the one-command server: ``specasr serve --engine vllm`` answers ``/v1/audio/transcriptions`` and
+counts drafts at ``/metrics``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from test_server import free_port
 
 from specasr_vllm.vllm_plugin.version import installed_vllm
-from test_server import free_port
 
 pytestmark = [pytest.mark.real,
               pytest.mark.skipif(installed_vllm() is None, reason="vLLM is not installed (.ci/setup installs it)")]
@@ -43,7 +44,7 @@ def _offline(method: str, selection, tmp: Path) -> dict:
     ids = [e.id for e in selection]
     run = subprocess.run([sys.executable, "-m", "specasr_vllm.vllm_plugin.offline", "--method", method, "--ids", *ids,
                           "--eager", "--plugin-settings", '{"max_batch": 64}', "--out", str(out)],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, check=False)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(out.read_text())
     assert sorted(report["tokens"]) == sorted(ids)
@@ -66,6 +67,12 @@ def test_vllm_alone_gives_the_embedded_engines_tokens(runs, selection, base_ar):
     ar = runs["ar"]["tokens"]
     english = [e for e in selection if e.language == "en"]
     assert [e.id for e in english if [t for t in ar[e.id] if t != EOT] != base_ar[e.id].tokens] == []
+
+
+def test_every_method_ran_on_the_hooked_runner_with_whispers_rules(runs):
+    for method, report in runs.items():
+        runner = report["runner"]
+        assert runner["hooked"] and runner["suppression"], (method, runner)  # not V2, which has no hooks
 
 
 def test_spec_decode_metrics_count_the_proposers_drafts(runs):
@@ -115,6 +122,7 @@ def test_specasr_serve_engine_vllm_answers_transcriptions(selection, runs, base,
         metrics = httpx.get(f"{url}/metrics").text
         drafts = [line for line in metrics.splitlines() if line.startswith("vllm:spec_decode_num_drafts_total")]
         assert drafts and float(drafts[0].rsplit(" ", 1)[1]) > 0
+        assert "Using V2 Model Runner" not in (tmp_path / "serve.log").read_text()  # the launcher keeps V1
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -1,12 +1,23 @@
-"""The vLLM plugin's parts on hand-made inputs, without starting vLLM: the proposer driven through a
-fake model runner (request ids, audio features, sampled ids, finished requests), the suppression hook's
-row layout, the guards, the serving directory and the command line."""
+"""The vLLM plugin's parts on hand-made inputs, without starting an engine: the proposer driven through a
+fake model runner (request ids, audio features, sampled ids, finished requests), the runner hooks, the
+runner choice and its guard, the version guards, the serving directory and the command line.
+
+Every fake vLLM object is an autospec of the installed vLLM class (``vllm_fake``), and each attribute a
+test gives it must be one that class declares, so a vLLM release that renames what the plugin reads
+fails here, not inside a forward pass.
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
+import textwrap
 from types import SimpleNamespace
+from typing import Any
+from unittest.mock import create_autospec
 
 import numpy as np
 import pytest
@@ -20,42 +31,213 @@ from specasr_vllm.vllm_plugin import hooks, launch, proposer, version
 pytestmark = pytest.mark.real
 
 
+# ---- fakes built from vLLM's own classes -----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def v() -> SimpleNamespace:
+    """The vLLM classes the plugin touches (imported here: importing vLLM takes seconds)."""
+    if version.installed_vllm() is None:
+        pytest.skip("vLLM is not installed (.ci/setup installs it)")
+    from vllm.config import DeviceConfig, ModelConfig, SpeculativeConfig, VllmConfig
+    from vllm.multimodal.inputs import (
+        MultiModalBatchedField,
+        MultiModalFeatureSpec,
+        MultiModalFieldElem,
+        MultiModalKwargsItem,
+    )
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return SimpleNamespace(**{cls.__name__: cls for cls in (
+        DeviceConfig, ModelConfig, SpeculativeConfig, VllmConfig, MultiModalBatchedField, MultiModalFeatureSpec,
+        MultiModalFieldElem, MultiModalKwargsItem, NewRequestData, SchedulerOutput, SpecDecodeMetadata,
+        CachedRequestState, InputBatch, GPUModelRunner)})
+
+
+@functools.cache
+def _assigned_in_init(cls: type) -> frozenset[str]:
+    """Attributes ``cls`` or a base assigns as ``self.NAME`` in ``__init__``/``__post_init__`` (vLLM's runner
+    and input batch declare most of theirs there, where ``create_autospec`` cannot see them)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        for method in ("__init__", "__post_init__"):
+            function = klass.__dict__.get(method)
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+            except (TypeError, OSError):  # not Python source (object.__init__, a C type)
+                continue
+            names |= {node.attr for node in ast.walk(tree) if _is_self_store(node)}
+    return frozenset(names)
+
+
+def _is_self_store(node: ast.AST) -> bool:
+    """``self.NAME = ...`` (or ``self.NAME: T = ...``)."""
+    return (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name) and node.value.id == "self")
+
+
+def declares(cls: type, name: str) -> bool:
+    """Whether vLLM's ``cls`` has an attribute ``name``: on the class, as a dataclass field, or set in ``__init__``."""
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    return hasattr(cls, name) or name in fields or name in _assigned_in_init(cls)
+
+
+def vllm_fake(cls: type, **attrs: Any) -> Any:
+    """An autospec instance of vLLM's ``cls`` (its methods keep their signatures) with ``attrs`` set."""
+    fake = create_autospec(cls, instance=True)
+    for name, value in attrs.items():
+        assert declares(cls, name), f"vLLM's {cls.__qualname__} has no attribute {name!r} (renamed?)"
+        setattr(fake, name, value)
+    return fake
+
+
+def test_fakes_refuse_attributes_vllm_does_not_have(v):
+    vllm_fake(v.GPUModelRunner, input_batch=None, requests={}, drafter=None, model_config=None, device="cpu")
+    with pytest.raises(AssertionError, match="GPUModelRunner has no attribute 'input_batches'"):
+        vllm_fake(v.GPUModelRunner, input_batches=None)
+    with pytest.raises(AttributeError):
+        vllm_fake(v.SchedulerOutput).finished_requests  # noqa: B018  (a misspelt read fails too)
+
+
+@pytest.fixture(scope="session")
+def whisper_hf_config(base_dir):
+    """whisper-base's Hugging Face config, as vLLM's ``ModelConfig.hf_config`` holds it."""
+    from transformers import WhisperConfig
+
+    return WhisperConfig.from_pretrained(base_dir)
+
+
+def _model_config(v, model_dir, hf_config) -> Any:
+    config = vllm_fake(v.ModelConfig, model=str(model_dir), max_model_len=448, hf_config=hf_config)
+    config.get_vocab_size.return_value = hf_config.vocab_size
+    return config
+
+
+def _runner(v, model_config, req_ids: list[str], new: set[str]) -> Any:
+    runner = vllm_fake(v.GPUModelRunner, model_config=model_config, device=torch.device("cpu"),
+                       input_batch=vllm_fake(v.InputBatch, req_ids=req_ids))
+    runner._specasr_new_reqs = new  # the plugin's own attribute (set by the execute_model hook)
+    return runner
+
+
+# ---- the runner hooks ----------------------------------------------------------------------------------------
 def test_first_positions_without_drafts_are_one_row_per_request():
     first = hooks.first_positions(["a", "b", "c"], {"b"}, None, 3)
     assert first.tolist() == [False, True, False]
 
 
-def test_first_positions_with_drafts_skip_each_requests_draft_rows():
-    spec = SimpleNamespace(num_draft_tokens=[2, 0, 3])  # rows: a a a | b | c c c c
+def test_first_positions_with_drafts_skip_each_requests_draft_rows(v):
+    spec = vllm_fake(v.SpecDecodeMetadata, num_draft_tokens=[2, 0, 3])  # rows: a a a | b | c c c c
     first = hooks.first_positions(["a", "b", "c"], {"b", "c"}, spec, 8)
     assert first.nonzero().flatten().tolist() == [3, 4]
 
 
-def _runner(base_dir, req_ids, new):
-    config = SimpleNamespace(model=str(base_dir), hf_config=SimpleNamespace(model_type="whisper"),
-                             get_vocab_size=lambda: 51865)
-    return SimpleNamespace(model_config=config, device="cpu", input_batch=SimpleNamespace(req_ids=req_ids),
-                           _specasr_new_reqs=new)
-
-
-def test_sample_hook_applies_whispers_suppression(base, base_dir):
+def test_sample_hook_applies_whispers_suppression(v, base, base_dir, whisper_hf_config):
     sample = hooks._wrap_sample(lambda runner, logits, spec: logits)  # the original sampler sees the masked logits
-    logits = torch.zeros(2, 51865)
-    out = sample(_runner(base_dir, ["new", "old"], {"new"}), logits, None)
+    logits = torch.zeros(2, whisper_hf_config.vocab_size)
+    out = sample(_runner(v, _model_config(v, base_dir, whisper_hf_config), ["new", "old"], {"new"}), logits, None)
     blank, eot = base.begin_suppress_tokens
     assert torch.isinf(out[:, base.suppress_tokens]).all()  # everywhere
     assert torch.isinf(out[0, [blank, eot]]).all() and not torch.isinf(out[1, [blank, eot]]).any()  # first step only
     assert torch.isfinite(out[:, 1000]).all()
 
 
-def test_sample_hook_leaves_other_models_alone():
+def test_sample_hook_leaves_other_models_alone(v, tmp_path):
+    from transformers import LlamaConfig
+
     sample = hooks._wrap_sample(lambda runner, logits, spec: logits)
-    runner = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(model_type="llama")),
-                             input_batch=SimpleNamespace(req_ids=["a"]), _specasr_new_reqs={"a"})
+    runner = _runner(v, _model_config(v, tmp_path, LlamaConfig(vocab_size=100)), ["a"], {"a"})
     logits = torch.zeros(1, 100)
     assert sample(runner, logits, None) is logits
 
 
+def test_execute_hook_notes_the_steps_new_requests(v):
+    execute = hooks._wrap_execute(lambda runner, scheduler_output, intermediate_tensors=None: "output")
+    runner = vllm_fake(v.GPUModelRunner)
+    step = vllm_fake(v.SchedulerOutput, scheduled_new_reqs=[vllm_fake(v.NewRequestData, req_id="a")])
+    assert execute(runner, step) == "output" and runner._specasr_new_reqs == {"a"}
+
+
+def test_propose_hook_binds_only_the_specasr_proposer(v):
+    propose = hooks._wrap_propose(lambda runner, scheduler_output, *rest: [[]])
+    step = vllm_fake(v.SchedulerOutput)
+    runner = vllm_fake(v.GPUModelRunner, drafter=create_autospec(proposer.SpecASRProposer, instance=True))
+    assert propose(runner, step, [[1]]) == [[]]
+    runner.drafter.bind.assert_called_once_with(runner, step)
+    assert propose(vllm_fake(v.GPUModelRunner, drafter=None), step, [[1]]) == [[]]  # vLLM's own drafters: untouched
+
+
+def test_register_wraps_the_v1_runner_that_vllm_runs_here(v):
+    hooks.register()  # vLLM calls it in every process; repeating it changes nothing
+    hooks.register()
+    runner = v.GPUModelRunner
+    expected = {"execute_model": ["self", "scheduler_output"], "_sample": ["self", "logits", "spec_decode_metadata"],
+                "propose_draft_token_ids": ["self", "scheduler_output"]}
+    for name, leading in expected.items():
+        method = getattr(runner, name)
+        original = method.__wrapped__
+        assert method.__code__.co_filename == hooks.__file__ != original.__code__.co_filename  # wrapped once
+        params = list(inspect.signature(original).parameters)
+        assert params[: len(leading)] == leading, f"vLLM's GPUModelRunner.{name}{params} no longer fits the hook"
+        if version.is_cpu_build():  # the CPU build's runner inherits the wrapped methods
+            from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+            assert getattr(CPUModelRunner, name) is method
+    assert hooks.is_hooked(vllm_fake(runner)) and not hooks.is_hooked(object())
+
+
+# ---- the runner choice -----------------------------------------------------------------------------------------
+def _vllm_config(v, hf_config) -> Any:
+    return vllm_fake(v.VllmConfig, model_config=vllm_fake(v.ModelConfig, hf_config=hf_config))
+
+
+def test_runner_choice_keeps_whisper_on_the_runner_with_the_hooks(v, whisper_hf_config):
+    from transformers import LlamaConfig
+
+    whisper, llama = _vllm_config(v, whisper_hf_config), _vllm_config(v, LlamaConfig())
+    unsupported = hooks._wrap_unsupported(lambda config: ["pipeline parallelism"])
+    assert unsupported(whisper) == ["pipeline parallelism", hooks.WHY_V1]  # vLLM then falls back to V1
+    assert unsupported(llama) == ["pipeline parallelism"]
+    forced_v2 = hooks._wrap_choice(lambda config: True)
+    with pytest.raises(hooks.RunnerNotCoveredError, match="Set VLLM_USE_V2_MODEL_RUNNER=0"):
+        forced_v2(whisper)
+    assert forced_v2(llama) is True  # other models: vLLM's choice
+    assert hooks._wrap_choice(lambda config: False)(whisper) is False
+
+
+@pytest.fixture(scope="module")
+def whisper_engine_args(v, base_dir):
+    """vLLM's ``EngineArgs`` for whisper-base (creating them loads the general plugins, ours among them)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
+
+    assert load_plugins_by_group(DEFAULT_PLUGINS_GROUP).get("specasr") is hooks.register, "entry point missing"
+    args = EngineArgs(model=str(base_dir), max_model_len=448, dtype="float32", gpu_memory_utilization=0.3)
+    assert v.VllmConfig.__dict__.get(hooks._PATCHED)
+    return args
+
+
+def test_vllm_picks_the_v1_runner_for_whisper_even_where_v2_is_its_default(whisper_engine_args, monkeypatch):
+    import vllm.config.vllm as vllm_config_module
+
+    monkeypatch.delenv(hooks.RUNNER_ENV, raising=False)
+    config = whisper_engine_args.create_engine_config()
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)  # a GPU, or a CPU with triton-cpu: V2 by default
+    assert hooks.WHY_V1 in config._get_v2_model_runner_unsupported_features()
+    assert config.use_v2_model_runner is False
+    monkeypatch.setenv(hooks.RUNNER_ENV, "1")  # V2 forced: no Whisper without its rules, an error naming the fix
+    with pytest.raises(hooks.RunnerNotCoveredError, match="V2 model runner for a Whisper model"):
+        config.use_v2_model_runner  # noqa: B018
+
+
+def test_forcing_the_v2_runner_for_whisper_stops_vllm_at_start_up(whisper_engine_args, monkeypatch):
+    monkeypatch.setenv(hooks.RUNNER_ENV, "1")
+    with pytest.raises(hooks.RunnerNotCoveredError, match="Set VLLM_USE_V2_MODEL_RUNNER=0"):
+        whisper_engine_args.create_engine_config()
+
+
+# ---- version guards, settings, launcher ----------------------------------------------------------------------
 @pytest.mark.parametrize("found,message", [
     (None, "vLLM is not installed; pip install 'specasr-vllm[vllm]'"),
     ("0.31.2", "specasr-vllm supports vLLM <0.33,>=0.32.0, found 0.31.2"),
@@ -72,9 +254,11 @@ def test_cpu_build_counts_as_its_release(monkeypatch):
     assert version.check_vllm() == "0.32.0+cpu"
 
 
-def test_proposer_guards():
+def test_proposer_guards(v):
+    from transformers import LlamaConfig
+
     with pytest.raises(ValueError, match="drafts for Whisper targets; this target is a 'llama' model"):
-        proposer._raise_if_not_whisper(SimpleNamespace(hf_config=SimpleNamespace(model_type="llama")))
+        proposer._raise_if_not_whisper(vllm_fake(v.ModelConfig, hf_config=LlamaConfig()))
     with pytest.raises(ValueError, match="reads 80 mel bins but the target's features have 128"):
         proposer._raise_if_mel_mismatch(128, 80, "whisper-tiny.en")
 
@@ -103,8 +287,8 @@ def test_serving_dir_links_the_target_and_holds_the_settings(base_dir, tmp_path,
     assert launch.serving_dir(str(base_dir), VLLMPluginConfig()) != served
     assert VLLMPluginConfig.load(served) == settings
     assert (served / "model.safetensors").resolve() == (base_dir / "model.safetensors").resolve()
-    argv = launch.command(served, "specasr", 24, host="127.0.0.1", port=9000, served_names=["whisper-base", "whisper-1"],
-                          extra=["--enforce-eager"])
+    argv = launch.command(served, "specasr", 24, host="127.0.0.1", port=9000,
+                          served_names=["whisper-base", "whisper-1"], extra=["--enforce-eager"])
     spec = json.loads(argv[argv.index("--speculative-config") + 1])
     assert spec == {"method": "custom_class", "model": "specasr_vllm.vllm_plugin.SpecASRProposer",
                     "num_speculative_tokens": 24}
@@ -112,17 +296,17 @@ def test_serving_dir_links_the_target_and_holds_the_settings(base_dir, tmp_path,
     assert "--speculative-config" not in launch.command(served, "ar", 24, host="h", port=1, served_names=["m"])
 
 
+def test_launcher_runs_vllm_on_the_v1_runner(monkeypatch):
+    monkeypatch.setenv(hooks.RUNNER_ENV, "1")  # whatever this shell says: V2 has no hooks
+    assert launch.environment()[hooks.RUNNER_ENV] == "0" == launch.variables({})[hooks.RUNNER_ENV]
+    line = launch.command_line(["vllm", "serve", "/some dir"], {})
+    assert line.startswith("VLLM_USE_V2_MODEL_RUNNER=0 ") and line.endswith(" vllm serve '/some dir'")
+    if version.is_cpu_build():  # every core bound, unless the user chose
+        assert launch.variables({})["VLLM_CPU_OMP_THREADS_BIND"].startswith("0-")
+        assert launch.variables({"VLLM_CPU_OMP_THREADS_BIND": "2-3"})["VLLM_CPU_OMP_THREADS_BIND"] == "2-3"
+
+
 # ---- the proposer, driven as vLLM's model runner drives it ----------------------------------------------
-@pytest.fixture(scope="module")
-def fake_vllm(base_dir):
-    if version.installed_vllm() is None:
-        pytest.skip("vLLM is not installed (.ci/setup installs it)")
-    model = SimpleNamespace(model=str(base_dir), max_model_len=448,
-                            hf_config=SimpleNamespace(model_type="whisper", vocab_size=51865, num_mel_bins=80))
-    return SimpleNamespace(model_config=model, speculative_config=SimpleNamespace(num_speculative_tokens=16),
-                           device_config=SimpleNamespace(device="cpu"))
-
-
 class _Slots:
     """vLLM's per-slot token arrays: prompt, then every token the target has produced."""
 
@@ -137,21 +321,46 @@ class _Slots:
         self.lengths[row] += len(tokens)
 
 
-def test_proposer_through_a_fake_runner(fake_vllm, base, manifest, dev_audio, base_ar):
+def _request(v, rid: str, prompt: list[int], audio: np.ndarray) -> Any:
+    """vLLM's state of a request: its decoder prompt and the log-mel features its Whisper processor made."""
+    features = v.MultiModalKwargsItem({"input_features": v.MultiModalFieldElem(
+        data=log_mel_spectrogram(audio)[None], field=v.MultiModalBatchedField())})
+    return vllm_fake(v.CachedRequestState, req_id=rid, prompt_token_ids=prompt,
+                     mm_features=[vllm_fake(v.MultiModalFeatureSpec, data=features, modality="audio")])
+
+
+def _step(v, finished: set[str] = frozenset()) -> Any:
+    return vllm_fake(v.SchedulerOutput, finished_req_ids=set(finished), preempted_req_ids=None)
+
+
+@pytest.fixture
+def fixed_length_proposer(v, base_dir, whisper_hf_config, tmp_path, monkeypatch):
+    """A proposer drafting a fixed 8 tokens for up to two requests, never falling back: here the time between
+    two ``propose`` calls is the test's, not a target pass's, so the cost-based rules would judge nonsense."""
+    monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
+    settings = VLLMPluginConfig(method="sd", max_batch=2, spec={"k": 8, "fallback_after": 10**6})
+    served = launch.serving_dir(str(base_dir), settings)
+    config = vllm_fake(v.VllmConfig, model_config=_model_config(v, served, whisper_hf_config),
+                       speculative_config=vllm_fake(v.SpeculativeConfig, num_speculative_tokens=16),
+                       device_config=vllm_fake(v.DeviceConfig, device=torch.device("cpu")))
+    return proposer.SpecASRProposer(config)
+
+
+def test_proposer_through_a_fake_runner(v, fixed_length_proposer, base, manifest, dev_audio):
+    from specasr_vllm.engine import Transcriber
+
+    p = fixed_length_proposer
     english, german = next(e for e in manifest if e.language == "en"), next(e for e in manifest if e.language == "de")
-    tok = base.tokenizer
-    prompts = {"en": tok.prefix("en"), "de": tok.prefix("de")}
-    requests = {
-        e.language: SimpleNamespace(req_id=e.language, prompt_token_ids=prompts[e.language], mm_features=[
-            SimpleNamespace(data={"input_features": SimpleNamespace(data=log_mel_spectrogram(dev_audio[e.id])[None])})])
-        for e in (english, german)}
-    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["en", "de"]), requests=requests)
-    p = proposer.SpecASRProposer(fake_vllm)
-    p.settings = dataclasses.replace(p.settings, max_batch=2)  # draft for both slots (the default drafts for one)
+    # the target's tokens (German: its first window is plenty, the request never drafts)
+    en, de = Transcriber(target=base).transcribe([dev_audio[english.id], dev_audio[german.id][: 30 * 16000]],
+                                                 language=["en", "de"])
+    reference = {"en": en.tokens, "de": de.tokens}
+    prompts = {"en": base.tokenizer.prefix("en"), "de": base.tokenizer.prefix("de")}
+    requests = {e.language: _request(v, e.language, prompts[e.language], dev_audio[e.id]) for e in (english, german)}
+    runner = vllm_fake(v.GPUModelRunner, input_batch=vllm_fake(v.InputBatch, req_ids=["en", "de"]), requests=requests)
     with pytest.raises(RuntimeError, match="needs the specasr_vllm general plugin"):
         p.propose([[1]], np.array([1]), np.zeros((1, 448), dtype=np.int32))
     slots = _Slots([prompts["en"], prompts["de"]])
-    reference = {"en": base_ar[english.id].tokens, "de": base_ar[german.id].tokens}
     done = {"en": 0, "de": 0}
     sampled = {}
     for lang, row in (("en", 0), ("de", 1)):  # the prefill's first token
@@ -160,7 +369,7 @@ def test_proposer_through_a_fake_runner(fake_vllm, base, manifest, dev_audio, ba
         done[lang] = 1
     accepted_total = 0
     for step in range(6):
-        p.bind(runner, SimpleNamespace(finished_req_ids=set(), preempted_req_ids=None))
+        p.bind(runner, _step(v))
         drafts = p.propose([sampled["en"], sampled["de"]], slots.lengths.copy(), slots.tokens)
         assert drafts[1] == []  # tiny.en does not serve German
         # the target keeps the draft's leading tokens that match its own output, then adds its own token
@@ -174,13 +383,13 @@ def test_proposer_through_a_fake_runner(fake_vllm, base, manifest, dev_audio, ba
         for lang, row in (("en", 0), ("de", 1)):
             slots.append(row, sampled[lang])
             done[lang] += len(sampled[lang])
-    p.bind(runner, SimpleNamespace(finished_req_ids=set(), preempted_req_ids=None))
+    p.bind(runner, _step(v))
     p.propose([sampled["en"], sampled["de"]], slots.lengths.copy(), slots.tokens)  # delivers the last acceptance
-    p.bind(runner, SimpleNamespace(finished_req_ids={"en"}, preempted_req_ids=None))
+    p.bind(runner, _step(v, finished={"en"}))
     runner.input_batch.req_ids = ["de"]
     assert p.propose([sampled["de"]], slots.lengths[1:].copy(), slots.tokens[1:]) == [[]]
     stats = p.stats()
     assert stats["accepted_tokens"] == accepted_total > 5  # the feedback counted what the "target" kept
     assert stats["fallbacks"] == {"draft does not serve this language": 1}
-    assert "en" not in p.drafter.requests and "en" not in p._prompt_len  # the finished request is forgotten
+    assert "en" not in p.drafter.requests  # the finished request is forgotten
     assert stats["steps"] == 8 and 5 <= stats["drafting_steps"] <= 7 and stats["ms_per_drafting_step"] > 0

@@ -1,6 +1,7 @@
 """SpecASR inside vLLM: the proposer (``SpecASRProposer``), the general plugin that feeds it and applies
-Whisper's suppression (``hooks.register``), the install repair (``install``) and the launcher
-(``serve``). See README "vLLM".
+Whisper's suppression in vLLM's V1 model runner, keeping Whisper models on that runner (``hooks.register``),
+the install repair (``install``), the launcher (``launch``) and the offline runner (``offline``).
+See README "vLLM".
 """
 
 from specasr_vllm.vllm_plugin.proposer import SpecASRProposer

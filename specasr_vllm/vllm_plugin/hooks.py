@@ -1,6 +1,9 @@
-"""vLLM general plugin (entry point ``vllm.general_plugins: specasr``), loaded in every vLLM process
-before the model runner is built. It wraps three model-runner methods, each a no-op unless it concerns
-a Whisper target or the SpecASR proposer:
+"""vLLM general plugin (entry point ``vllm.general_plugins: specasr``), loaded by vLLM in every process
+(``EngineArgs``, the engine core, each worker) before a config or a model runner is built.
+
+It wraps three methods of vLLM's V1 model runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``;
+the CPU build's ``CPUModelRunner`` and XPU's inherit them), each a no-op unless it concerns a Whisper
+target or the SpecASR proposer:
 
 - ``execute_model``: notes which requests start this step (their first sampled token is the one
   Whisper's ``begin_suppress_tokens`` apply to);
@@ -9,45 +12,129 @@ a Whisper target or the SpecASR proposer:
   is on, so the rules go in here, for vLLM with and without speculation alike;
 - ``propose_draft_token_ids``: binds the runner and scheduler output to ``SpecASRProposer`` (request
   ids, audio features, finished and preempted requests), which the ``custom_class`` hook does not pass.
+
+These hooks exist only in the V1 runner, so the plugin also decides the runner for Whisper models.
+vLLM 0.32 picks it in one place, the property ``VllmConfig.use_v2_model_runner`` (config/vllm.py),
+which every consumer reads (``Worker._make_model_runner``, ``CPUWorker.init_device``, the engine core,
+the input processor): ``VLLM_USE_V2_MODEL_RUNNER`` if set, else V1 without Triton, else V1 if
+``_get_v2_model_runner_unsupported_features()`` lists anything (it already lists ``custom_class``),
+else V2. The plugin adds Whisper to that list, so vLLM's own fallback chooses V1 (and logs why); where
+V2 is forced anyway (``VLLM_USE_V2_MODEL_RUNNER=1``, or a V2-only feature) the property raises
+``RunnerNotCoveredError`` at start-up instead of letting Whisper decode without its rules.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from specasr_vllm.errors import UnsupportedVLLMError
 from specasr_vllm.models.registry import suppression_lists
 from specasr_vllm.models.rules import Suppression
-from specasr_vllm.errors import UnsupportedVLLMError
 from specasr_vllm.vllm_plugin.version import check_vllm
 
 log = logging.getLogger(__name__)
 _PATCHED = "_specasr_patched"
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"  # vLLM's switch (envs.py): "0" forces the V1 model runner
+WHY_V1 = "Whisper models with the specasr-vllm plugin (its hooks cover the V1 model runner only)"
+
+
+class RunnerNotCoveredError(UnsupportedVLLMError):
+    """vLLM chose a model runner for a Whisper model that the plugin's hooks do not cover."""
 
 
 def register() -> None:
-    """Patch vLLM's model runner once per process. An unsupported vLLM is left untouched (with a
-    warning): this plugin is loaded for every model, and only SpecASR needs the patches."""
+    """Patch vLLM's V1 model runner and its runner choice once per process. An unsupported vLLM is left
+    untouched (with a warning): this plugin is loaded for every model, and only Whisper needs it."""
     try:
         check_vllm()
     except UnsupportedVLLMError as exc:
         log.warning("specasr-vllm plugin not active: %s", exc)
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # CPUModelRunner inherits these methods
+    from vllm.config import VllmConfig
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    if getattr(GPUModelRunner, _PATCHED, False):
+    patch_runner(GPUModelRunner)
+    patch_runner_choice(VllmConfig)
+
+
+# ---- which runner ------------------------------------------------------------------------------------
+def is_whisper(model_config: Any) -> bool:
+    """Whether vLLM serves a Whisper model (the only kind the plugin changes anything for)."""
+    hf_config = getattr(model_config, "hf_config", None)
+    return getattr(hf_config, "model_type", None) == "whisper"
+
+
+def runner_not_covered_message() -> str:
+    """The problem and both fixes, for whoever starts vLLM on a Whisper model with the V2 runner forced."""
+    return ("vLLM chose its V2 model runner for a Whisper model, but specasr-vllm applies Whisper's "
+            "suppress_tokens / begin_suppress_tokens and feeds the SpecASR proposer only in the V1 model runner "
+            "(vllm.v1.worker.gpu_model_runner.GPUModelRunner and its CPU subclass); without them vLLM's tokens "
+            f"differ from Whisper's. Set {RUNNER_ENV}=0 (and enable no V2-only feature such as HiSparse or "
+            "watermarking), or run vLLM without this plugin (VLLM_PLUGINS listing the plugins to load, "
+            "without 'specasr')")
+
+
+def patch_runner_choice(config_cls: type) -> None:
+    """Make ``config_cls`` (vLLM's ``VllmConfig``) choose the V1 runner for Whisper, or refuse to start."""
+    if config_cls.__dict__.get(_PATCHED, False):
         return
-    GPUModelRunner.execute_model = _wrap_execute(GPUModelRunner.execute_model)
-    GPUModelRunner._sample = _wrap_sample(GPUModelRunner._sample)
-    GPUModelRunner.propose_draft_token_ids = _wrap_propose(GPUModelRunner.propose_draft_token_ids)
-    setattr(GPUModelRunner, _PATCHED, True)
+    config_cls._get_v2_model_runner_unsupported_features = _wrap_unsupported(
+        config_cls._get_v2_model_runner_unsupported_features)
+    config_cls.use_v2_model_runner = property(_wrap_choice(config_cls.use_v2_model_runner.fget))
+    setattr(config_cls, _PATCHED, True)
 
 
-def _wrap_execute(execute):
+def _wrap_unsupported(unsupported: Callable[[Any], list[str]]) -> Callable[[Any], list[str]]:
+    """vLLM falls back to V1 (logging the reason) when V2 lacks a feature; Whisper's rules are one."""
+
+    @functools.wraps(unsupported)
+    def _get_v2_model_runner_unsupported_features(self) -> list[str]:
+        features = unsupported(self)
+        return [*features, WHY_V1] if is_whisper(self.model_config) else features
+
+    return _get_v2_model_runner_unsupported_features
+
+
+def _wrap_choice(choose: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """V2 for a Whisper model can only have been forced; stop there rather than decode without the rules."""
+
+    @functools.wraps(choose)
+    def use_v2_model_runner(self) -> bool:
+        v2 = choose(self)
+        if v2 and is_whisper(self.model_config):
+            raise RunnerNotCoveredError(runner_not_covered_message())
+        return v2
+
+    return use_v2_model_runner
+
+
+# ---- the V1 runner's hooks -------------------------------------------------------------------------
+def is_hooked(runner: Any) -> bool:
+    """Whether ``runner`` is a V1 model runner whose methods the plugin wraps (``offline`` reports it)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return isinstance(runner, GPUModelRunner) and bool(GPUModelRunner.__dict__.get(_PATCHED, False))
+
+
+def patch_runner(runner_cls: type) -> None:
+    """Wrap the three methods of vLLM's V1 model runner class (subclasses inherit the wrappers)."""
+    if runner_cls.__dict__.get(_PATCHED, False):
+        return
+    runner_cls.execute_model = _wrap_execute(runner_cls.execute_model)
+    runner_cls._sample = _wrap_sample(runner_cls._sample)
+    runner_cls.propose_draft_token_ids = _wrap_propose(runner_cls.propose_draft_token_ids)
+    setattr(runner_cls, _PATCHED, True)
+
+
+def _wrap_execute(execute: Callable) -> Callable:
+    """Remember this step's new requests: ``_sample`` begin-suppresses their first position."""
+
     @functools.wraps(execute)
     def execute_model(self, scheduler_output, *args, **kwargs):
         self._specasr_new_reqs = {req.req_id for req in scheduler_output.scheduled_new_reqs}
@@ -56,7 +143,9 @@ def _wrap_execute(execute):
     return execute_model
 
 
-def _wrap_sample(sample):
+def _wrap_sample(sample: Callable) -> Callable:
+    """Mask Whisper's suppressed tokens before vLLM samples or verifies (greedy picks from the masked logits)."""
+
     @functools.wraps(sample)
     def _sample(self, logits, spec_decode_metadata):
         suppression = _suppression(self)
@@ -69,7 +158,8 @@ def _wrap_sample(sample):
     return _sample
 
 
-def _wrap_propose(propose):
+def _wrap_propose(propose: Callable) -> Callable:
+    """Hand the SpecASR proposer what vLLM's ``custom_class`` call leaves out (request ids, audio, departures)."""
     from specasr_vllm.vllm_plugin.proposer import SpecASRProposer
 
     @functools.wraps(propose)
@@ -86,7 +176,7 @@ def _suppression(runner: Any) -> Suppression | None:
     if not hasattr(runner, "_specasr_suppression"):
         config = runner.model_config
         rules = None
-        if getattr(config.hf_config, "model_type", None) == "whisper":
+        if is_whisper(config):
             directory = Path(config.model)
             suppress, begin = suppression_lists(directory) if directory.is_dir() else (
                 list(config.hf_config.suppress_tokens or []), list(config.hf_config.begin_suppress_tokens or []))

@@ -24,7 +24,7 @@ CUDA_ONLY = ("torchvision", "torchaudio", "torchcodec")
 
 
 def _imports(module: str) -> bool:
-    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, check=False).returncode == 0
 
 
 def remove_broken_cuda_packages() -> list[str]:

@@ -3,7 +3,9 @@
 vLLM serves a model directory; SpecASR's settings must reach every vLLM process, so they go into
 ``specasr.json`` beside the target's files (see ``config.VLLMPluginConfig``). The directory served is
 a small one of links to the converted target plus that file, one per settings combination, so the
-converted model itself is never edited. ``command`` is what a user would type to run vLLM by hand.
+converted model itself is never edited. ``command`` is what a user would type to run vLLM by hand,
+``variables`` the environment it needs: among them ``VLLM_USE_V2_MODEL_RUNNER=0``, since the plugin's
+hooks (Whisper's suppression, the proposer's inputs) live in vLLM's V1 model runner (see ``hooks``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 from specasr_vllm.config import MAX_TARGET_POSITIONS, VLLM_SETTINGS_FILE, VLLMPluginConfig, cache_dir
 from specasr_vllm.errors import UnsupportedVLLMError
 from specasr_vllm.models.registry import resolve_model
+from specasr_vllm.vllm_plugin.hooks import RUNNER_ENV
 from specasr_vllm.vllm_plugin.version import check_vllm, is_cpu_build
 
 PROPOSER = "specasr_vllm.vllm_plugin.SpecASRProposer"
@@ -67,12 +71,23 @@ def command(model_dir: Path, method: str, num_tokens: int, *, host: str, port: i
     return args + list(extra)
 
 
+def variables(base: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment variables vLLM needs here, on top of ``base``: the V1 model runner, where the plugin's
+    hooks are, whatever vLLM would pick by itself; and on CPU, every core bound (else vLLM computes on one)."""
+    ours = {RUNNER_ENV: "0"}
+    if is_cpu_build():
+        ours["VLLM_CPU_OMP_THREADS_BIND"] = base.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    return ours
+
+
 def environment() -> dict[str, str]:
-    """vLLM on CPU computes on one core unless told to bind all of them."""
-    env = dict(os.environ)
-    if is_cpu_build() and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{(os.cpu_count() or 1) - 1}"
-    return env
+    """This process's environment plus ``variables()``: what ``vllm serve`` and the offline engine run with."""
+    return {**os.environ, **variables()}
+
+
+def command_line(argv: list[str], base: Mapping[str, str] = os.environ) -> str:
+    """The shell line a user types to run ``argv`` by hand, the variables it needs first."""
+    return " ".join([f"{name}={value}" for name, value in variables(base).items()] + [shlex.quote(a) for a in argv])
 
 
 def run(model: str, draft: str, method: str, num_tokens: int, *, host: str, port: int, served_names: list[str],
@@ -82,15 +97,13 @@ def run(model: str, draft: str, method: str, num_tokens: int, *, host: str, port
     settings = VLLMPluginConfig(draft=draft, method="sd" if method == "sd" else "specasr")
     argv = command(serving_dir(model, settings), method, num_tokens, host=host, port=port,
                    served_names=served_names, api_key=api_key, extra=extra)
-    env = environment()
     if print_only:
-        bind = env.get("VLLM_CPU_OMP_THREADS_BIND")
-        print(" ".join(([f"VLLM_CPU_OMP_THREADS_BIND={bind}"] if bind else []) + [shlex.quote(a) for a in argv]))
+        print(command_line(argv))
         return 0
     beside = Path(sys.executable).parent / "vllm"  # this environment's vLLM, even when its bin/ is not on PATH
     vllm = str(beside) if beside.is_file() else shutil.which("vllm")
     if vllm is None:
         raise UnsupportedVLLMError("the 'vllm' command is not on PATH; pip install 'specasr-vllm[vllm]'")
-    os.execve(vllm, argv, env)
+    os.execve(vllm, argv, environment())
     return 0  # not reached
 

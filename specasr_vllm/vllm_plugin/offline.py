@@ -6,9 +6,12 @@
 Methods: ``ar`` (vLLM alone), ``ngram`` (vLLM's own prompt-lookup speculation), ``sd`` and
 ``specasr`` (the SpecASR proposer with fixed or adaptive length). Each run starts its own engine
 in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the proposer's statistics can be read back;
-the tests and ``benchmarks/vllm_run.py`` start one such process per method. The report holds the
-tokens per entry, seconds with every request submitted at once (``batched``) and, with
-``--sequential``, one request at a time, vLLM's ``spec_decode`` counters and the proposer's own.
+the tests and ``benchmarks/vllm_run.py`` start one such process per method. Every method runs on vLLM's
+V1 model runner (``launch.variables``: ``VLLM_USE_V2_MODEL_RUNNER=0``), where the plugin applies
+Whisper's suppression, so ``ar`` is "vLLM alone" with Whisper's rules on any machine. The report holds
+the tokens per entry, seconds with every request submitted at once (``batched``) and, with
+``--sequential``, one request at a time, vLLM's ``spec_decode`` counters, the proposer's own, and
+which model runner ran (``runner``: its class, whether the hooks wrap it, whether suppression was on).
 """
 
 from __future__ import annotations
@@ -48,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-    from specasr_vllm.vllm_plugin.launch import CPU_KV_FRACTION, environment, serving_dir
+    from specasr_vllm.vllm_plugin.launch import CPU_KV_FRACTION, serving_dir, variables
 
-    os.environ.update(environment())
+    os.environ.update(variables())  # before vLLM reads its environment
     from vllm import LLM, SamplingParams
 
     from specasr_vllm.audio import decode_audio
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         report["sequential_s"] = time.perf_counter() - t0
         report["sequential_identical"] = all(
             list(o.outputs[0].token_ids) == report["tokens"][e.id] for e, o in zip(entries, sequential))
+    report["runner"] = llm.collective_rpc(_runner_facts)[0]
     report["spec_decode"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if "spec_decode" in m.name}
     if args.method in ("sd", "specasr"):
         report["proposer"] = llm.collective_rpc(_proposer_stats)[0]
@@ -95,6 +99,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def _proposer_stats(worker) -> dict:
     return worker.model_runner.drafter.stats()
+
+
+def _runner_facts(worker) -> dict:
+    """Which model runner decoded, whether the plugin's hooks wrap it and whether Whisper's suppression was
+    applied (the evidence that "vLLM alone" ran with Whisper's rules)."""
+    from specasr_vllm.vllm_plugin.hooks import is_hooked
+
+    runner = worker.model_runner
+    kind = type(runner)
+    return {"class": f"{kind.__module__}.{kind.__qualname__}", "hooked": is_hooked(runner),
+            "suppression": getattr(runner, "_specasr_suppression", None) is not None}
 
 
 if __name__ == "__main__":
