@@ -83,8 +83,7 @@ def _ct2_dir(target: ASRModel) -> Path:
         tmp = out.with_suffix(".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         with open(tmp / "model.bin", "wb") as f:
-            for part in source.parts:
-                f.write(part.read_bytes())
+            f.writelines(part.read_bytes() for part in source.parts)
         for name in ("config.json", "tokenizer.json", "vocabulary.json", "vocabulary.txt"):
             if (source.config.parent / name).is_file():
                 shutil.copy(source.config.parent / name, tmp / name)

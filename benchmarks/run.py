@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -154,9 +154,9 @@ def _fmt(v, spec: str) -> str:
 def markdown(summary: dict, skipped: dict[str, str], info: dict) -> str:
     cols = ["method", "identical to ar", "WER", "encode s", "decode s", "e2e s", "RTF", "tok/s", "passes/tok",
             "draft steps/tok", "mean accept", "decode x ar", "e2e x ar", "decode x sd"]
-    lines = [f"Run {info['run']}: {info['files']} files, {info['audio_s']:.0f} s of audio, {info['reps']} rep(s), "
-             f"{info['machine']['torch_threads']} torch threads, {info['machine']['cpu']} ({info['machine']['cores']} cores), "
-             f"target {info['model']}, draft {info['draft']}", "", "| " + " | ".join(cols) + " |",
+    lines = [(f"Run {info['run']}: {info['files']} files, {info['audio_s']:.0f} s of audio, {info['reps']} rep(s), "
+              f"{info['machine']['torch_threads']} torch threads, {info['machine']['cpu']} "
+              f"({info['machine']['cores']} cores), target {info['model']}, draft {info['draft']}"), "", "| " + " | ".join(cols) + " |",
              "|" + "---|" * len(cols)]
     for name, s in summary.items():
         share = s["identical_share"]
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     runs = measure(methods, entries, audio, 1 if args.quick else args.reps)
     summary = summarise(methods, entries, runs)
-    run = args.name or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    run = args.name or datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     info = {"run": run, "files": len(entries), "audio_s": sum(e.duration for e in entries), "reps": args.reps,
             "model": args.model, "draft": args.draft, "manifest": args.manifest, "language": args.language,
             "max_duration": args.max_duration, "machine": machine(), "wall_s": time.time() - started}

@@ -64,7 +64,7 @@ def _load(url: str, files: list[tuple[str, bytes]], concurrency: int) -> dict:
         "concurrency": concurrency, "requests": len(files), "wall_s": round(wall, 2),
         "requests_per_s": round(len(files) / wall, 3),
         "p50_s": round(statistics.median(latencies), 3),
-        "p95_s": round(latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))], 3),
+        "p95_s": round(latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))], 3),
         "texts": [text for text, _ in results],
     }
 

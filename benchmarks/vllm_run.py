@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.run import RESULTS, machine
@@ -29,7 +29,7 @@ def run_method(method: str, args: argparse.Namespace, tmp: Path) -> dict:
     cmd = [sys.executable, "-m", "specasr_vllm.vllm_plugin.offline", "--method", method, "--language", "en",
            "--every", str(args.every), "--sequential", "--out", str(out)]
     print(f"vllm-{method} ...", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"vllm-{method} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -66,10 +66,10 @@ def markdown(rows: dict[str, dict], info: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     lines = [f"# vLLM rows ({info['date']})", "",
-             f"vLLM {info['vllm']}, {info['files']} English dev files, {info['machine']['cpu']}, "
-             f"{info['machine']['cores']} cores; whisper-base target, whisper-tiny.en draft; greedy.", "",
-             "| method | one at a time (s) | speedup | all at once (s) | speedup | identical to vLLM AR | "
-             "acceptance rate | mean acceptance length | proposer ms/step | ms/drafting step |",
+             (f"vLLM {info['vllm']}, {info['files']} English dev files, {info['machine']['cpu']}, "
+              f"{info['machine']['cores']} cores; whisper-base target, whisper-tiny.en draft; greedy."), "",
+             ("| method | one at a time (s) | speedup | all at once (s) | speedup | identical to vLLM AR | "
+              "acceptance rate | mean acceptance length | proposer ms/step | ms/drafting step |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['sequential_s']:.1f} | {f(r.get('sequential_speedup'), '.2f')}x | "
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         reports = {m: run_method(m, args, Path(tmp)) for m in args.methods}
     rows = summarise(reports)
-    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "vllm": installed_vllm(),
+    info = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "vllm": installed_vllm(),
             "machine": machine(), "files": len(next(iter(reports.values()))["tokens"])}
     stem = RESULTS / (args.name or ("vllm-dev" if args.every == 1 else f"vllm-every{args.every}"))
     stem.with_suffix(".json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))

@@ -11,8 +11,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_random_hf_dir
+
 from specasr_vllm.config import SpecConfig
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.speculative import decode_speculative

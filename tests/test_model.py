@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_random_hf_dir
 from transformers import WhisperForConditionalGeneration
 
-from conftest import make_random_hf_dir
 from specasr_vllm.models.loading import load_whisper
 
 TOL = 1e-4  # fp32, max absolute logit difference

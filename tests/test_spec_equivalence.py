@@ -12,10 +12,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import make_random_hf_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_random_hf_dir
 from specasr_vllm.config import DRAFT_MARGIN_FRAMES, HOP_LENGTH, SpecConfig
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.speculative import decode_speculative

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import transcribe_by_language
+
 from specasr_vllm.config import EngineConfig, SpecConfig
 from specasr_vllm.engine import Transcriber
 from specasr_vllm.speculation.stats import SpecStats

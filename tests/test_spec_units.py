@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.models.packing import TreeRow, pack_rows
+from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.speculation.acceptance import Acceptance, accept_greedy, accepted_path
 from specasr_vllm.speculation.adaptive import ConfidencePolicy, FixedLength
 from specasr_vllm.speculation.bridge import IdentityBridge, TextBridge, make_bridge

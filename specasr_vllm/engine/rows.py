@@ -30,7 +30,7 @@ class BatchRows:
         self.rows = self.cache.compact([self.rows[p] for p in positions])
         self.active = [self.active[p] for p in positions]
 
-    def __enter__(self) -> "BatchRows":
+    def __enter__(self) -> BatchRows:
         return self
 
     def __exit__(self, *exc) -> None:

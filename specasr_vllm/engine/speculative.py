@@ -22,7 +22,7 @@ from specasr_vllm.engine.rows import BatchRows
 from specasr_vllm.models.kv_cache import DecoderCache
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import WhisperRules
-from specasr_vllm.speculation import DraftTree, Drafter, accept_greedy, pack_rows
+from specasr_vllm.speculation import Drafter, DraftTree, accept_greedy, pack_rows
 
 
 @torch.no_grad()

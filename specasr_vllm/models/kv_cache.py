@@ -168,7 +168,7 @@ class DecoderCache:
     def frames(self, rows: list[int]) -> list[int]:
         return [self._frames[r] for r in rows]
 
-    def view(self, rows: list[int], fixed: bool = False) -> "RowView":
+    def view(self, rows: list[int], fixed: bool = False) -> RowView:
         """The tensors a decode call over ``rows`` reads and writes.
 
         Consecutive rows are read as views (no copy); scattered rows are gathered for reading and

@@ -20,7 +20,7 @@ class TreeRow:
     depths: list[int]  # distance from the cached context (position offset)
 
     @classmethod
-    def chain(cls, tokens: list[int]) -> "TreeRow":
+    def chain(cls, tokens: list[int]) -> TreeRow:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)), list(range(len(tokens))))
 
 

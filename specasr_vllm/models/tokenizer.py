@@ -36,7 +36,7 @@ class WhisperTokenizer:
         self.language_ids = {c[2:-2]: i for c, i in special.items() if self.sot < i < self.translate}
 
     @classmethod
-    def from_dir(cls, model_dir: Path, vocab_size: int) -> "WhisperTokenizer":
+    def from_dir(cls, model_dir: Path, vocab_size: int) -> WhisperTokenizer:
         return cls(Tokenizer.from_file(str(model_dir / "tokenizer.json")), multilingual=vocab_size >= 51865)
 
     def encode(self, text: str) -> list[int]:

@@ -34,7 +34,7 @@ class WhisperDims:
     max_target_positions: int = 448
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "WhisperDims":
+    def from_hf_config(cls, cfg: dict) -> WhisperDims:
         return cls(
             n_mels=cfg["num_mel_bins"], vocab_size=cfg["vocab_size"], d_model=cfg["d_model"],
             encoder_layers=cfg["encoder_layers"], encoder_heads=cfg["encoder_attention_heads"],

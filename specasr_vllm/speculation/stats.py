@@ -19,7 +19,7 @@ class SpecStats:
     fallback: str | None = None  # why drafting was switched off for this request, if it was
     acceptance_lengths: Counter = field(default_factory=Counter)  # accepted drafted tokens per verifying pass
 
-    def merge(self, other: "SpecStats") -> None:
+    def merge(self, other: SpecStats) -> None:
         for name in COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.acceptance_lengths.update(other.acceptance_lengths)

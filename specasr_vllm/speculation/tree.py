@@ -23,7 +23,7 @@ class DraftTree:
     recycled: list[bool] = field(default_factory=list)  # came from draft recycling (for statistics)
 
     @classmethod
-    def chain(cls, tokens: list[int], probs: list[float] | None = None, recycled: int = 0) -> "DraftTree":
+    def chain(cls, tokens: list[int], probs: list[float] | None = None, recycled: int = 0) -> DraftTree:
         tree = cls()
         tree.add_path(ROOT, tokens, probs, recycled)
         return tree
