@@ -106,7 +106,7 @@ def test_tree_mask_gives_each_branch_its_chain_logits(lean):
 def test_compact_moves_live_rows_to_the_front(lean):
     mel = torch.randn(3, lean.dims.n_mels, 3000)
     tokens = torch.randint(0, 50000, (3, 5))
-    full, cache = _fresh(lean, mel, tokens)
+    _, cache = _fresh(lean, mel, tokens)
     cache.release([1])
     assert cache.compact([0, 2]) == [0, 1]  # row 2 moved into the hole, row 0 stayed
     nxt = lean.decode(torch.tensor([[7], [8]]), cache, [0, 1])
@@ -117,7 +117,7 @@ def test_compact_moves_live_rows_to_the_front(lean):
 def test_scattered_rows_decode_like_contiguous_ones(lean):
     mel = torch.randn(3, lean.dims.n_mels, 3000)
     tokens = torch.randint(0, 50000, (3, 5))
-    full, cache = _fresh(lean, mel, tokens)
+    _, cache = _fresh(lean, mel, tokens)
     nxt = lean.decode(torch.tensor([[7], [8]]), cache, [2, 0])  # gathered for reading, written back by index
     ref, _ = _fresh(lean, mel[[2, 0]], torch.cat([tokens[[2, 0]], torch.tensor([[7], [8]])], 1))
     assert torch.allclose(nxt[:, 0], ref[:, -1], atol=1e-5)

@@ -7,6 +7,8 @@ the rows behind it move up (``DecoderCache.compact``).
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 
 from specasr_vllm.models.kv_cache import DecoderCache
@@ -30,7 +32,7 @@ class BatchRows:
         self.rows = self.cache.compact([self.rows[p] for p in positions])
         self.active = [self.active[p] for p in positions]
 
-    def __enter__(self) -> BatchRows:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
