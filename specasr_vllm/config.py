@@ -29,6 +29,7 @@ MAX_INITIAL_TIMESTAMP = 1.0  # seconds: the latest a window's first timestamp ma
 DEFAULT_MODEL = "whisper-base"
 DEFAULT_DRAFT = "whisper-tiny.en"
 METHODS = ("ar", "sd", "specasr")
+DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes the engine runs in
 OUTPUT_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")  # OpenAI's response formats
 
 
@@ -73,9 +74,9 @@ class SpecConfig:
     min_accept: float = 0.3  # accepted tokens per pass, beyond paying for the draft steps, that drafting must earn
 
     @classmethod
-    def for_method(cls, method: str, **overrides) -> "SpecConfig":
+    def for_method(cls, method: str, **overrides) -> SpecConfig:
         if method == "sd":
-            base = dict(adaptive=False, recycling=False, tree=False)
+            base = {"adaptive": False, "recycling": False, "tree": False}
         else:
             base = {}
         return cls(**{**base, **overrides})
@@ -89,7 +90,7 @@ class EngineConfig:
     draft: str | None = None
     method: str = "ar"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # one of DTYPES
     batch_size: int = 8  # 30 s windows encoded and decoded together
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
     spec: SpecConfig = field(default_factory=SpecConfig)
@@ -132,7 +133,7 @@ class VLLMPluginConfig:
     # results/vllm-*); an accelerator with room to spare wants a larger value.
 
     @classmethod
-    def load(cls, model_dir: Path) -> "VLLMPluginConfig":
+    def load(cls, model_dir: Path) -> VLLMPluginConfig:
         path = Path(model_dir) / VLLM_SETTINGS_FILE
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 

@@ -23,7 +23,7 @@ def needs_timestamps(fmt: str) -> bool:
 
 
 def _timestamp(seconds: float, decimal: str) -> str:
-    ms = int(round(seconds * 1000))
+    ms = round(seconds * 1000)
     h, ms = divmod(ms, 3_600_000)
     m, ms = divmod(ms, 60_000)
     s, ms = divmod(ms, 1000)

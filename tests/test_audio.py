@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import av
 import numpy as np
@@ -124,7 +125,7 @@ def test_split_points_cut_at_silence():
     audio[silence] = 0
     spans = split_points(audio)
     assert spans[0][0] == 0 and spans[-1][1] == len(audio)
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, nothing lost
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # contiguous, nothing lost
     assert all(e - s <= N_SAMPLES for s, e in spans)
     assert silence.start <= spans[0][1] <= silence.stop  # first cut lands in the silence
     assert len(spans) == 3

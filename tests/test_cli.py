@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -10,11 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from specasr_vllm import cli
+from specasr_vllm.config import DEFAULT_DRAFT, EngineConfig, ServerConfig, SpecConfig
+
 SAMPLE = Path(__file__).resolve().parent.parent / "specasr_vllm" / "samples" / "librispeech-1089-134686-0000.flac"
 
 
 def specasr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "specasr_vllm.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "specasr_vllm.cli", *args], check=False, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_transcribe_sample_prints_text():
@@ -82,3 +87,146 @@ def test_specasr_with_stats_and_compare():
     doc = json.loads(stats.split(" s ", 1)[1])
     assert doc["output_tokens"] > 20 and doc["accepted_tokens"] > 0 and doc["target_passes"] < doc["output_tokens"]
     assert "compare: specasr vs ar on 1 file(s)" in out.stderr and "token-identical 1/1" in out.stderr
+
+
+# --- every flag takes effect or is refused (fast: the checks run before any model loads) ---------
+
+S = str(SAMPLE)
+VLLM = ["serve", "--engine", "vllm"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["transcribe", S, "--method", "specasr", "--k", "4"],
+         "--k sets sd's fixed draft length; with --method specasr add --no-adaptive"),
+        (["transcribe", S, "--k", "4"], "--k has no effect with --method ar"),
+        (["transcribe", S, "--draft", "whisper-tiny.en"], "--draft has no effect with --method ar"),
+        (["transcribe", S, "--concurrent-draft"], "--concurrent-draft has no effect with --method ar"),
+        (["transcribe", S, "--compare", "ar", "--no-tree"], "--no-tree has no effect with --method ar"),
+        (["transcribe", S, "--method", "sd", "--no-tree"], "--no-tree is a --method specasr ablation"),
+        (["transcribe", S, "--method", "sd", "--no-adaptive"], "--no-adaptive is a --method specasr ablation"),
+        (["eval", "--method", "sd", "--no-recycling"], "--no-recycling is a --method specasr ablation"),
+        (["eval", "--method", "specasr", "--k", "3"], "--k sets sd's fixed draft length"),
+        (["serve", "--method", "ar", "--draft", "whisper-tiny.en"], "--draft has no effect with --method ar"),
+        (["serve", "--k", "4"], "--k sets sd's fixed draft length"),
+        (["serve", "--vllm-args=--enforce-eager"], "--vllm-args needs --engine vllm"),
+        (["serve", "--print-command"], "--print-command needs --engine vllm"),
+        ([*VLLM, "--threads", "2"], "--threads does not apply to --engine vllm"),
+        ([*VLLM, "--device", "cuda"], "--device does not apply to --engine vllm"),
+        ([*VLLM, "--dtype", "float16"], "--dtype does not apply to --engine vllm"),
+        ([*VLLM, "--no-tree"], "--no-tree does not apply to --engine vllm"),
+        ([*VLLM, "--concurrent-draft"], "--concurrent-draft does not apply to --engine vllm"),
+        ([*VLLM, "--max-upload-mb", "0"], "--max-upload-mb does not apply to --engine vllm"),
+        ([*VLLM, "--max-audio-seconds", "60"], "--max-audio-seconds does not apply to --engine vllm"),
+        ([*VLLM, "--max-queue", "4"], "--max-queue does not apply to --engine vllm"),
+        ([*VLLM, "--method", "sd", "--no-recycling"], "--no-recycling is a --method specasr ablation"),
+        ([*VLLM, "--batch-size", "4", "--vllm-args=--max-num-seqs 8"],
+         "--batch-size sets vLLM's --max-num-seqs, which --vllm-args also gives"),
+        ([*VLLM, "--log-level", "debug", "--vllm-args=--uvicorn-log-level=info"],
+         "--log-level sets vLLM's --uvicorn-log-level"),
+        ([*VLLM, "--batch-size", "1", "--vllm-args=--max-num-batched-tokens=4096"],
+         "--batch-size sets vLLM's --max-num-batched-tokens"),
+        (["ray-serve", "--k", "4"], "--k sets sd's fixed draft length"),
+        (["ray-serve", "--method", "ar", "--no-recycling"], "--no-recycling has no effect with --method ar"),
+        (["ray-serve", "--num-gpus", "1"], "--num-gpus reserves GPUs that a --device cpu engine does not use"),
+    ],
+)
+def test_ignored_flags_exit_2_naming_the_flag(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+
+
+def test_counts_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["transcribe", S, "--method", "sd", "--k", "0"])
+    assert exit_.value.code == 2
+    assert "argument --k: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["transcribe", S, "--model", "whisper-tiny.en", "--task", "translate"],
+      "--task translate needs a multilingual model; whisper-tiny.en is English-only"),
+     (["eval", "--model", "whisper-tiny.en", "--detect-language", "--limit", "1"],
+      "--detect-language has no effect: whisper-tiny.en is English-only")],
+)
+def test_flags_an_english_only_model_cannot_honour(argv, message, capsys, speech_dir):
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_engine_flags_reach_the_engine_config():
+    config = cli._config(parse("transcribe", S, "--method", "specasr", "--no-adaptive", "--k", "4", "--no-recycling",
+                               "--no-tree", "--concurrent-draft", "--batch-size", "3", "--threads", "2",
+                               "--device", "cuda", "--dtype", "float16", "--draft", "some/dir"))
+    assert (config.method, config.draft, config.batch_size, config.threads, config.device, config.dtype) == \
+        ("specasr", "some/dir", 3, 2, "cuda", "float16")
+    spec = config.spec
+    assert (spec.adaptive, spec.recycling, spec.tree, spec.k, spec.concurrent_draft) == (False, False, False, 4, True)
+    sd = cli._config(parse("transcribe", S, "--method", "sd", "--k", "12")).spec
+    assert (sd.adaptive, sd.recycling, sd.tree, sd.k) == (False, False, False, 12)
+    default = cli._config(parse("transcribe", S))
+    assert (default.method, default.batch_size, default.device, default.dtype, default.draft) == \
+        ("ar", EngineConfig.batch_size, EngineConfig.device, EngineConfig.dtype, DEFAULT_DRAFT)
+    baseline = cli._config(parse("transcribe", S, "--method", "ar", "--compare", "sd", "--k", "5"), "sd")
+    assert baseline.spec.k == 5  # --k reaches the --compare baseline, so it is accepted with --method ar
+
+
+def test_server_flags_reach_the_server_config(monkeypatch):
+    monkeypatch.delenv("SPECASR_API_KEY", raising=False)
+    config = cli._server_config(parse("serve", "--max-queue", "3", "--max-upload-mb", "2", "--max-audio-seconds", "9",
+                                      "--served-model-name", "asr", "--api-key", "k", "--port", "9"))
+    assert (config.max_queue, config.max_upload_mb, config.max_audio_seconds, config.served_model_name,
+            config.api_key, config.port) == (3, 2.0, 9.0, "asr", "k", 9)
+    default = cli._server_config(parse("serve"))
+    assert (default.max_queue, default.max_upload_mb, default.api_key) == (ServerConfig.max_queue, 25.0, None)
+
+
+def test_vllm_engine_maps_flags_into_specasr_json_and_vllm_options():
+    settings, tokens = cli._vllm_settings(parse(*VLLM, "--method", "sd", "--k", "12", "--draft", "d"))
+    assert (settings.draft, settings.method, settings.spec, tokens) == ("d", "sd", {"k": 12}, 12)
+    settings, tokens = cli._vllm_settings(parse(*VLLM, "--no-adaptive", "--no-recycling", "--k", "5"))
+    assert (settings.method, settings.spec, tokens) == ("specasr", {"k": 5, "adaptive": False, "recycling": False}, 5)
+    assert settings.spec_config().k == 5 and not settings.spec_config().recycling
+    settings, tokens = cli._vllm_settings(parse(*VLLM))
+    assert (settings.method, settings.spec, tokens) == ("specasr", {}, SpecConfig.max_draft)
+    extra = cli._vllm_extra(parse(*VLLM, "--batch-size", "4", "--log-level", "warning", "--vllm-args=--enforce-eager"))
+    assert extra == ["--max-num-seqs", "4", "--uvicorn-log-level", "warning", "--enforce-eager"]
+    # below 4 sequences vLLM's default token budget (N x 448) cannot hold one encoder input (1500)
+    extra = cli._vllm_extra(parse(*VLLM, "--batch-size", "2"))
+    assert extra == ["--max-num-seqs", "2", "--max-num-batched-tokens", "1500"]
+    assert cli._vllm_extra(parse(*VLLM)) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_print_command_carries_the_flags(capsys):
+    assert cli.main([*VLLM, "--method", "sd", "--k", "12", "--batch-size", "4", "--print-command"]) == 0
+    command = capsys.readouterr().out
+    assert '"num_speculative_tokens": 12' in command and "--max-num-seqs 4" in command
+    served = Path(command.split(" serve ", 1)[1].split()[0])
+    assert json.loads((served / "specasr.json").read_text())["spec"] == {"k": 12}
+
+
+def test_ray_serve_passes_every_engine_flag_to_the_app():
+    pytest.importorskip("ray.serve")
+    from specasr_vllm.server.ray_app import parse_args
+
+    args = cli._ray_builder_args(parse("ray-serve", "--no-adaptive", "--k", "4", "--no-recycling", "--no-tree",
+                                       "--concurrent-draft", "--device", "cuda", "--dtype", "float16", "--batch-size", "2",
+                                       "--threads", "1",
+                                       "--draft", "d", "--api-key", "key"))
+    engine, server, options = parse_args(args)
+    assert engine == {"model": "whisper-base", "draft": "d", "method": "specasr", "threads": 1, "batch_size": 2,
+                      "device": "cuda", "dtype": "float16", "spec": {"k": 4, "adaptive": False, "recycling": False, "tree": False,
+                                                 "concurrent_draft": True}}
+    assert server == {"api_key": "key", "max_queue": ServerConfig.max_queue}
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}  # --device cuda reserves a GPU
+    engine, _, options = parse_args(cli._ray_builder_args(parse("ray-serve", "--method", "ar")))
+    assert engine["method"] == "ar" and "spec" not in engine
+    assert options["ray_actor_options"] == {"num_cpus": 1.0}

@@ -52,7 +52,8 @@ def test_kuberay_rayservice():
     manifest = yaml.safe_load((DEPLOY / "kuberay-rayservice.yaml").read_text())
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
     app = _serve_apps(yaml.safe_load(manifest["spec"]["serveConfigV2"]))[0]
-    assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 1 and app["args"]["device"] == "cuda"
+    assert app["deployments"][0]["ray_actor_options"]["num_gpus"] == 1
+    assert (app["args"]["device"], app["args"]["dtype"], app["args"]["method"]) == ("cuda", "float16", "specasr")
     assert isinstance(app_builder({k: str(v) for k, v in app["args"].items()}), Application)
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -24,10 +24,10 @@ import psutil
 import pytest
 import ray
 from ray import serve
-
-from specasr_vllm.server.ray_app import DEPLOYMENT
 from test_deploy_files import dashboard_metrics
 from test_server import free_port
+
+from specasr_vllm.server.ray_app import DEPLOYMENT
 
 pytestmark = pytest.mark.real
 
@@ -49,14 +49,14 @@ def cluster():
         deploy = subprocess.run(
             [BIN / "specasr", "ray-serve", "--address", address, "--http-host", "127.0.0.1", "--http-port",
              str(http_port), "--min-replicas", "2", "--max-replicas", "2", "--num-cpus", "1", "--threads", "1"],
-            env=env, capture_output=True, text=True, timeout=600)
+            env=env, capture_output=True, text=True, timeout=600, check=False)
         assert deploy.returncode == 0, deploy.stderr[-3000:]
         assert f"serving on http://127.0.0.1:{http_port}/v1" in deploy.stdout
         ray.init(address=address, logging_level="ERROR")  # this process watches Serve's status
         yield {"address": address, "url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}"}
     finally:
         ray.shutdown()
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
 
 
 def replicas() -> list[psutil.Process]:

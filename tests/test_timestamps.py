@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_random_hf_dir
 from transformers import WhisperForConditionalGeneration
 
 from specasr_vllm.audio import log_mel_spectrogram
@@ -17,8 +18,6 @@ from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.engine.segments import window_segments
 from specasr_vllm.models.registry import load_model
 from specasr_vllm.models.rules import WhisperRules
-
-from conftest import make_random_hf_dir
 
 
 @pytest.fixture(scope="module")

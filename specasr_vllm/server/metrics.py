@@ -68,7 +68,7 @@ class _RayMetric:
     def __init__(self, metric, keys: tuple[str, ...], tags: dict[str, str] | None = None):
         self.metric, self.keys, self.tags = metric, keys, tags
 
-    def labels(self, *values: str) -> "_RayMetric":
+    def labels(self, *values: str) -> _RayMetric:
         return _RayMetric(self.metric, self.keys, dict(zip(self.keys, values)))
 
     def inc(self, amount: float = 1.0) -> None:
@@ -90,7 +90,7 @@ class _RayGauge(_RayMetric):
         super().__init__(metric, keys, tags)
         self.values = {} if values is None else values  # shared by every ``labels(...)`` child
 
-    def labels(self, *values: str) -> "_RayGauge":
+    def labels(self, *values: str) -> _RayGauge:
         return _RayGauge(self.metric, self.keys, dict(zip(self.keys, values)), self.values)
 
     def set(self, value: float) -> None:
@@ -171,4 +171,4 @@ _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
 
 def metric_names() -> set[str]:
     """Every series name the standalone server exports (with counter and histogram suffixes)."""
-    return {spec.name + suffix for metric in METRICS for suffix in _SUFFIXES[spec.kind]}
+    return {metric.name + suffix for metric in METRICS for suffix in _SUFFIXES[metric.kind]}

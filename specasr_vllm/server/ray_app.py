@@ -19,13 +19,14 @@ from specasr_vllm.server.app import build_app
 
 DEPLOYMENT = "SpecASRServer"
 DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+DEFAULT_ACTOR_OPTIONS = {"num_cpus": 1}
 
 
 @serve.deployment(
     name=DEPLOYMENT,
     autoscaling_config=DEFAULT_AUTOSCALING,
     max_ongoing_requests=32,  # beyond this Serve queues at the proxy; the replica's own queue bounds the rest
-    ray_actor_options={"num_cpus": 1},
+    ray_actor_options=dict(DEFAULT_ACTOR_OPTIONS),
     health_check_period_s=5,
 )
 @serve.ingress()
@@ -45,31 +46,67 @@ class SpecASRServer:
             raise RuntimeError("the engine thread has stopped")
 
 
-_ENGINE_ARGS = {"model": str, "draft": str, "method": str, "threads": int, "batch_size": int, "device": str}
+def _flag(value: str | bool) -> bool:
+    """A Serve config's switch: YAML gives a bool, ``serve run ... key=value`` and the CLI give text."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise InvalidRequestError(f"expected true or false, got {value!r}")
+
+
+_ENGINE_ARGS = {"model": str, "draft": str, "method": str, "threads": int, "batch_size": int, "device": str,
+                "dtype": str}
+_SPEC_ARGS = {"k": int, "adaptive": _flag, "recycling": _flag, "tree": _flag, "concurrent_draft": _flag}
 _SERVER_ARGS = {"api_key": str, "served_model_name": str, "max_upload_mb": float, "max_audio_seconds": float,
                 "max_queue": int}
-_SCALING_ARGS = {"min_replicas": int, "max_replicas": int, "target_ongoing_requests": int, "num_cpus": float}
+_SCALING_ARGS = {"min_replicas": int, "max_replicas": int, "target_ongoing_requests": int}
+_ACTOR_ARGS = {"num_cpus": float, "num_gpus": float}
+_ACCEPTED = {**_ENGINE_ARGS, **_SPEC_ARGS, **_SERVER_ARGS, **_SCALING_ARGS, **_ACTOR_ARGS}
+
+
+def _pick(args: dict, kinds: dict) -> dict:
+    """The entries of ``args`` that belong to one group, converted to their types."""
+    return {k: kinds[k](v) for k, v in args.items() if k in kinds}
+
+
+def parse_args(args: dict[str, str]) -> tuple[dict, dict, dict]:
+    """``app_builder``'s arguments as (engine, server, deployment options); unknown keys are refused.
+
+    SpecConfig switches (``k``, ``adaptive``, ...) go under the engine's ``spec``; a switch the method
+    would ignore (any with ``ar``, ``k`` with adaptive ``specasr``) is refused rather than dropped.
+    """
+    unknown = set(args) - set(_ACCEPTED)
+    if unknown:
+        raise InvalidRequestError(f"unknown argument(s) {sorted(unknown)}; accepted: {sorted(_ACCEPTED)}")
+    engine = {"model": DEFAULT_MODEL, "draft": DEFAULT_DRAFT, "method": "specasr", **_pick(args, _ENGINE_ARGS)}
+    spec = _pick(args, _SPEC_ARGS)
+    if spec and engine["method"] == "ar":
+        raise InvalidRequestError(f"{sorted(spec)} have no effect with method 'ar', which drafts nothing")
+    if "k" in spec and engine["method"] == "specasr" and spec.get("adaptive", True):
+        raise InvalidRequestError("k sets a fixed draft length; with method 'specasr' add adaptive: false")
+    if spec:
+        engine["spec"] = spec
+    scaling, actor = _pick(args, _SCALING_ARGS), _pick(args, _ACTOR_ARGS)
+    options = {}
+    if scaling:
+        options["autoscaling_config"] = {**DEFAULT_AUTOSCALING, **scaling}
+    if actor:
+        options["ray_actor_options"] = {**DEFAULT_ACTOR_OPTIONS, **actor}
+    return engine, _pick(args, _SERVER_ARGS), options
 
 
 def app_builder(args: dict[str, str]) -> Application:
     """Serve's application builder: ``serve run specasr_vllm.server.ray_app:app_builder model=whisper-base``.
 
-    Accepts the engine's ``model``, ``draft``, ``method``, ``threads``, ``batch_size``, ``device``; the
-    server's ``api_key``, ``served_model_name``, ``max_upload_mb``, ``max_audio_seconds``, ``max_queue``;
-    and the deployment's ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ``num_cpus``
+    Accepts the engine's ``model``, ``draft``, ``method``, ``threads``, ``batch_size``, ``device``, ``dtype``; its
+    SpecConfig switches ``k``, ``adaptive``, ``recycling``, ``tree``, ``concurrent_draft``; the server's
+    ``api_key``, ``served_model_name``, ``max_upload_mb``, ``max_audio_seconds``, ``max_queue``; and the
+    deployment's ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ``num_cpus``, ``num_gpus``
     (a Serve config file's ``deployments:`` section can set those too).
     """
-    accepted = {**_ENGINE_ARGS, **_SERVER_ARGS, **_SCALING_ARGS}
-    unknown = set(args) - set(accepted)
-    if unknown:
-        raise InvalidRequestError(f"unknown argument(s) {sorted(unknown)}; accepted: {sorted(accepted)}")
-    engine = {"model": DEFAULT_MODEL, "draft": DEFAULT_DRAFT, "method": "specasr"}
-    engine.update({k: _ENGINE_ARGS[k](v) for k, v in args.items() if k in _ENGINE_ARGS})
-    server = {k: _SERVER_ARGS[k](v) for k, v in args.items() if k in _SERVER_ARGS}
-    scaling = {k: _SCALING_ARGS[k](v) for k, v in args.items() if k in _SCALING_ARGS}
-    options = {}
-    if scaling.keys() - {"num_cpus"}:
-        options["autoscaling_config"] = {**DEFAULT_AUTOSCALING, **{k: v for k, v in scaling.items() if k != "num_cpus"}}
-    if "num_cpus" in scaling:
-        options["ray_actor_options"] = {"num_cpus": scaling["num_cpus"]}
+    engine, server, options = parse_args(args)
     return SpecASRServer.options(**options).bind(engine, server)

@@ -108,7 +108,7 @@ class EngineWorker:
             self.metrics.running.set(len(batch))
             try:
                 self._finish(batch, self._transcribe(batch))
-            except Exception as exc:  # noqa: BLE001 - isolate the failure to the jobs that cause it
+            except Exception as exc:
                 if len(batch) == 1:
                     log.exception("transcription failed")
                     self._fail(batch[0], exc)
@@ -116,7 +116,7 @@ class EngineWorker:
                     for job in batch:
                         try:
                             self._finish([job], self._transcribe([job]))
-                        except Exception as single:  # noqa: BLE001
+                        except Exception as single:
                             log.exception("transcription failed")
                             self._fail(job, single)
             finally:

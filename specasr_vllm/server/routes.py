@@ -1,0 +1,81 @@
+"""The endpoints: OpenAI's transcriptions, translations and models, plus health and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from specasr_vllm.errors import SpecASRError
+from specasr_vllm.formats import needs_timestamps
+from specasr_vllm.server.errors import from_engine_error
+from specasr_vllm.server.responses import respond, stream_response
+from specasr_vllm.server.scheduler import Job
+from specasr_vllm.server.service import Service
+from specasr_vllm.server.validation import AudioRequest, read_audio, validate
+
+
+def register_routes(app: FastAPI, service: Service) -> None:
+    """Add every endpoint to ``app``; the handlers only parse the form and hand over to ``transcribe``."""
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(
+        request: Request,
+        file: UploadFile = File(...),
+        model: str = Form(...),
+        language: str | None = Form(None),
+        prompt: str | None = Form(None),
+        response_format: str = Form("json"),
+        temperature: float = Form(0.0),
+        timestamp_granularities: list[str] = Form([], alias="timestamp_granularities[]"),
+        stream: bool = Form(False),
+    ) -> Response:
+        req = AudioRequest("transcribe", model, language, prompt, response_format, temperature,
+                           tuple(timestamp_granularities), stream)
+        return await transcribe(request, req, file, service)
+
+    @app.post("/v1/audio/translations")
+    async def translations(
+        request: Request,
+        file: UploadFile = File(...),
+        model: str = Form(...),
+        prompt: str | None = Form(None),
+        response_format: str = Form("json"),
+        temperature: float = Form(0.0),
+    ) -> Response:
+        req = AudioRequest("translate", model, None, prompt, response_format, temperature)
+        return await transcribe(request, req, file, service)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": service.started,
+                                            "owned_by": "specasr-vllm"} for name in service.names]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not service.worker.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok", "queue": service.worker.depth})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def transcribe(request: Request, req: AudioRequest, file: UploadFile, service: Service) -> Response:
+    """Validate, decode the upload, queue it for the engine, and answer (whole or as a stream)."""
+    language = validate(req, service)
+    audio = await read_audio(file, service)
+    loop = asyncio.get_running_loop()
+    job = Job(audio, language, req.task, needs_timestamps(req.response_format), req.prompt or None, loop,
+              loop.create_future())
+    if req.stream:
+        return stream_response(request, job, service)
+    service.submit(job)
+    try:
+        transcript = await job.future
+    except SpecASRError as exc:
+        raise from_engine_error(exc) from exc
+    return respond(transcript, req.response_format, req.task)
