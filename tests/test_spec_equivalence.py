@@ -101,3 +101,19 @@ def test_fallback_to_ar_when_acceptance_collapses(pair_models):
     english, german = stats  # rows run with languages en, de
     assert english.fallback.startswith("low acceptance") and english.target_passes > 2
     assert german.fallback == "draft does not serve this language" and german.drafted_tokens == 0
+
+
+def test_feedback_off_the_proposed_tree_is_logged_not_fatal(pair_models, caplog):
+    """A host that verified something other than the proposal (a bug there) must not stop the engine."""
+    target, draft = pair_models["same"]
+    drafter = Drafter.build(draft, target.tokenizer, SpecConfig(fallback_after=10**6, draft_vocab=None))
+    torch.manual_seed(0)
+    drafter.start("r", "en", mel=torch.randn(80, 3000))
+    drafter.feedback({"r": [target.tokenizer.eot - 1]})  # the prefill's token
+    tree = drafter.propose({"r": [target.tokenizer.eot - 1]}, {"r": 4})["r"]
+    assert len(tree) > 0
+    wrong = next(t for t in range(100) if tree.child(-1, t) is None)
+    drafter.feedback({"r": [wrong, 7]})  # claims a drafted token the tree does not have
+    stats = drafter.release(["r"])["r"]
+    assert "not a child" in caplog.text
+    assert (stats.target_passes, stats.output_tokens, stats.drafted_tokens) == (2, 3, 0)

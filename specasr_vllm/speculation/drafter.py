@@ -15,6 +15,7 @@ Requests are keyed by any hashable id so the embedded engine and the vLLM propos
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Hashable
@@ -35,6 +36,8 @@ from specasr_vllm.speculation.recycling import common_prefix, recycle_candidates
 from specasr_vllm.speculation.requests import draft_features, draft_prefix, draft_serves
 from specasr_vllm.speculation.stats import SpecStats
 from specasr_vllm.speculation.tree import ROOT, DraftTree
+
+log = logging.getLogger(__name__)
 
 _MARGIN = 128  # draft positions kept free for one round's drafting (chain, candidates, branches)
 _RECYCLE_LEN = 12  # longest recycled remainder re-checked
@@ -445,7 +448,11 @@ class Drafter:
             tree, req.last_tree = req.last_tree, None
             if tree is None:  # nothing was proposed for this pass (a prefill, or a host that skipped drafting)
                 continue
-            acceptance = accepted_path(tree, tokens)
+            try:
+                acceptance = accepted_path(tree, tokens)
+            except ValueError as exc:  # the host verified something else: keep serving, say so, learn nothing
+                log.warning("request %r: %s; this pass is left out of the statistics", key, exc)
+                continue
             if len(tree):
                 st.drafted_tokens += len(tree)
                 st.accepted_tokens += len(acceptance.nodes)
