@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,3 +110,13 @@ def transcribe_by_language(transcriber, manifest, dev_audio) -> dict:
         for e, t in zip(entries, transcriber.transcribe([dev_audio[e.id] for e in entries], language=lang)):
             out[e.id] = t
     return out
+
+
+def float_wav_with_nan(seconds: float, nan: int) -> bytes:
+    """A 32-bit float WAV (format 3, which the wave module cannot write) whose first ``nan`` samples are NaN."""
+    samples = np.zeros(int(seconds * 16000), dtype="<f4")
+    samples[:nan] = np.nan
+    data = samples.tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, 16000, 16000 * 4, 4, 32)
+    return b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + \
+        b"data" + struct.pack("<I", len(data)) + data

@@ -96,6 +96,14 @@ def test_zero_length_wav_is_an_error():
         decode_audio(encode(np.zeros(0, np.float32), 16000, "wav", "pcm_s16le", 1))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_an_error(bad):
+    audio = tone(1.0, 16000)
+    audio[100:110] = bad
+    with pytest.raises(AudioDecodeError, match="10 NaN or infinite samples"):
+        decode_audio(encode(audio, 16000, "wav", "pcm_f32le", 1), name="up.wav")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(AudioDecodeError, match="no such file"):
         decode_audio(tmp_path / "nope.wav")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import float_wav_with_nan
 
 from specasr_vllm import cli
 from specasr_vllm.config import DEFAULT_DRAFT, EngineConfig, ServerConfig, SpecConfig
@@ -48,9 +49,13 @@ def test_output_formats_and_output_dir(tmp_path):
 def test_bad_file_among_good_ones(tmp_path):
     bad = tmp_path / "notes.wav"
     bad.write_text("this is not audio")
-    out = specasr("transcribe", str(bad), str(SAMPLE), "--model", "whisper-tiny.en", "--quiet")
+    nan = tmp_path / "nan.wav"
+    nan.write_bytes(float_wav_with_nan(1, 3))
+    out = specasr("transcribe", str(bad), str(nan), str(SAMPLE), "--model", "whisper-tiny.en", "--quiet")
     assert out.returncode == 1
     assert f"error: {bad}: not a decodable audio file" in out.stderr
+    assert f"error: {nan}: the audio has 3 NaN or infinite samples" in out.stderr
+    assert "Traceback" not in out.stderr
     assert "stew" in out.stdout  # the good file is still transcribed
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from conftest import float_wav_with_nan
 from prometheus_client.parser import text_string_to_metric_families
 
 from specasr_vllm.config import EngineConfig, ServerConfig, SpecConfig
@@ -134,6 +135,8 @@ BAD_INPUTS = {  # case: (status, param, start of the message, the request)
     "empty": (400, "file", "The uploaded file 'empty.wav' is empty.", lambda s, a: transcribe(s, b"", "empty.wav")),
     "text_as_audio": (400, "file", "notes.wav: not a decodable audio file",
                       lambda s, a: transcribe(s, b"these are my meeting notes\n" * 20, "notes.wav")),
+    "nan_samples": (400, "file", "nan.wav: the audio has 10 NaN or infinite samples",
+                    lambda s, a: transcribe(s, float_wav_with_nan(1, 10), "nan.wav")),
     "unsupported_format": (400, "file", "Invalid file format 'txt'.", lambda s, a: transcribe(s, a, "audio.txt")),
     "oversized": (413, "file", "Maximum content size limit (25 MB) exceeded",
                   lambda s, a: transcribe(s, b"\0" * 26_000_000, "big.wav")),

@@ -48,7 +48,16 @@ def decode_audio(source: AudioSource, *, max_seconds: float | None = None, name:
         raise AudioDecodeError(f"{name}: not a decodable audio file ({exc.strerror or type(exc).__name__})") from exc
     if total == 0:
         raise AudioDecodeError(f"{name}: the file contains no audio samples")
-    audio = np.concatenate(pieces).astype(np.float32)
+    audio = check_finite(np.concatenate(pieces).astype(np.float32), name)
     if rate != SAMPLE_RATE:
         audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return audio
+
+
+def check_finite(audio: np.ndarray, name: str) -> np.ndarray:
+    """``audio`` if every sample is a number: NaN or infinite samples (a float file can hold them) would
+    reach the models as garbage, so they are refused like any undecodable input."""
+    bad = np.count_nonzero(~np.isfinite(audio))
+    if bad:
+        raise AudioDecodeError(f"{name}: the audio has {bad} NaN or infinite samples")
     return audio

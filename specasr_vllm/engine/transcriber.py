@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specasr_vllm.audio import log_mel_spectrogram, split_points
+from specasr_vllm.audio import check_finite, log_mel_spectrogram, split_points
 from specasr_vllm.config import DEFAULT_DRAFT, METHODS, SAMPLE_RATE, EngineConfig
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.segments import Segment, window_segments
@@ -94,6 +94,8 @@ class Transcriber:
         hears each 30 s window as soon as its batch is decoded, windows of one audio in order.
         """
         tok = self.target.tokenizer
+        for i, audio in enumerate(audios):
+            check_finite(audio, f"audio {i}")
         languages = language if isinstance(language, list) else [language] * len(audios)
         if len(languages) != len(audios):
             raise InvalidRequestError(f"{len(languages)} languages for {len(audios)} audios")
