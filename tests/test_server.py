@@ -252,6 +252,13 @@ def test_api_key(base, tiny_en, sample):
         good = client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1", "language": "en"},
                            headers={"Authorization": "Bearer sk-test"})
         assert good.status_code == 200 and "stew for dinner" in good.json()["text"]
+        for header in ("bearer sk-test", "BEARER  sk-test"):  # the scheme is case-insensitive
+            again = client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1", "language": "en"},
+                                headers={"Authorization": header})
+            assert again.status_code == 200, header
+        for header in ("Basic sk-test", "Bearer sk-test2", "Bearer"):
+            assert client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1"},
+                               headers={"Authorization": header}).status_code == 401, header
         assert client.get("/health").status_code == 200  # probes and scrapes need no key
         assert client.get("/metrics").status_code == 200
 

@@ -7,6 +7,7 @@ errors and unknown paths included, reaches the request metrics.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -59,7 +60,9 @@ def authorize(request: Request, api_key: str | None) -> None:
     if api_key is None:
         return
     header = request.headers.get("authorization", "")
-    if header != f"Bearer {api_key}":
+    scheme, _, token = header.strip().partition(" ")
+    # the scheme is case-insensitive (RFC 9110); the key is compared in constant time (no timing oracle)
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
         message = "Incorrect API key provided." if header else "Missing API key: send 'Authorization: Bearer <key>'."
         raise APIError(401, message, code="invalid_api_key")
 
