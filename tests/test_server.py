@@ -260,7 +260,11 @@ def test_api_key(base, tiny_en, sample):
             assert client.post("/v1/audio/transcriptions", files=files, data={"model": "whisper-1"},
                                headers={"Authorization": header}).status_code == 401, header
         assert client.get("/health").status_code == 200  # probes and scrapes need no key
-        assert client.get("/metrics").status_code == 200
+        metrics = {s.name: s.value for family in text_string_to_metric_families(client.get("/metrics").text)
+                   for s in family.samples}
+        tokens = metrics["specasr:generation_tokens_total"]
+        # ar counts too: 3 answered requests of the sample's 38 tokens, one target pass per token plus the end
+        assert (tokens, metrics["specasr:target_passes_total"]) == (3 * 38, 3 * 39)
 
 
 def test_specasr_serve_command(sample):

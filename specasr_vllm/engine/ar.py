@@ -38,6 +38,7 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
             keep = []
             for pos, (i, tok, logprob) in enumerate(zip(batch.active, tokens, logprobs)):
                 outputs[i].extend([tok], [logprob], rules.eot)
+                outputs[i].passes += 1
                 if tok != rules.eot and len(prefixes[i]) + len(outputs[i].tokens) < max_positions:
                     keep.append(pos)
             batch.keep(keep)

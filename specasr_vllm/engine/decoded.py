@@ -10,6 +10,7 @@ class Decoded:
     tokens: list[int] = field(default_factory=list)  # generated tokens, end-of-text excluded
     logprobs: list[float] = field(default_factory=list)  # the target's log-probability of each token
     no_speech_prob: float = 0.0  # probability of <|nospeech|> at <|startoftranscript|>
+    passes: int = 0  # target forwards that emitted tokens for this window (AR: one per token, end included)
 
     def extend(self, tokens: list[int], logprobs: list[float], eot: int) -> None:
         for token, logprob in zip(tokens, logprobs):

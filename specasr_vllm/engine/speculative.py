@@ -44,6 +44,7 @@ def decode_speculative(
         first, logprobs = rules.pick(prefill[:, -1], True, [[] for _ in prefixes] if timestamps else None)
         for out, tok, logprob in zip(outputs, first, logprobs):
             out.extend([tok], [logprob], rules.eot)
+            out.passes += 1
         drafter.feedback({key: [tok] for key, tok in zip(keys, first)})
         last = first  # each row's newest token: emitted, not yet in the target's cache
         _keep_unfinished(batch, drafter, keys, outputs, last, limit, rules.eot)
@@ -73,6 +74,7 @@ def decode_speculative(
                 batch.cache.keep(batch.rows[pos], starts[pos], [0] + [node + 1 for node in acc.nodes])
                 new = acc.tokens(tree)[: limit[i] - len(outputs[i].tokens)]
                 outputs[i].extend(new, [logprob[0]] + [logprob[node + 1] for node in acc.nodes], rules.eot)
+                outputs[i].passes += 1
                 emitted[keys[i]] = new
                 last[i] = new[-1]
             drafter.feedback(emitted, seconds)

@@ -125,7 +125,7 @@ class Transcriber:
             t0 = time.perf_counter()
             if self.drafter is None:
                 outputs = decode_ar(self.target, self.rules, features, prefixes, timestamps=timestamps, cache=self.cache)
-                stats = [SpecStats() for _ in batch]
+                stats = [SpecStats(output_tokens=len(d.tokens), target_passes=d.passes) for d in outputs]
             else:
                 keys = [next(self._keys) for _ in batch]
                 for key, clip, mel, w in zip(keys, clips, mels, batch):
