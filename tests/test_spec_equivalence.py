@@ -54,6 +54,9 @@ def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, se
     out = decode_speculative(target, rules, drafter, features, prefixes, keys,
                              max_positions=MAX_POSITIONS, timestamps=timestamps)
     stats = drafter.release(keys)
+    assert [o.passes for o in out] == [stats[key].target_passes for key in keys]  # the host and drafter agree
+    assert [r.passes for r in reference] == [len(r.tokens) + (len(r.tokens) < MAX_POSITIONS - len(p))
+                                             for r, p in zip(reference, prefixes)]  # AR: a pass per token
     for ar, spec_out in zip(reference, out):
         if ar.tokens == spec_out.tokens:
             assert spec_out.logprobs == pytest.approx(ar.logprobs, abs=1e-3)
