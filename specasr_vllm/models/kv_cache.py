@@ -174,24 +174,24 @@ class DecoderCache:
         Consecutive rows are read as views (no copy); scattered rows are gathered for reading and
         written back by index. ``fixed`` reads every frame (a shape that does not depend on the rows).
         """
+        index = torch.tensor(rows, device=self.device)  # one index per call, for every layer's writes
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        index: slice | torch.Tensor = slice(rows[0], rows[0] + len(rows)) if contiguous else \
-            torch.tensor(rows, device=self.device)
+        read = slice(rows[0], rows[0] + len(rows)) if contiguous else index
         frames = self.cross_k.shape[3] if fixed else max(self.frames(rows))
-        return RowView(self, index, frames)
+        return RowView(self, read, index, frames)
 
 
 class RowView:
     """One decode call's window onto a ``DecoderCache``: its rows and the audio frames they attend to."""
 
-    def __init__(self, cache: DecoderCache, index: slice | torch.Tensor, frames: int):
-        self.cache, self.index, self.frames = cache, index, frames
+    def __init__(self, cache: DecoderCache, read: slice | torch.Tensor, rows: torch.Tensor, frames: int):
+        self.cache, self.index, self.frames = cache, read, frames
+        self._rows = rows[:, None]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store (batch, heads, n, head_dim) keys/values at each row's ``slots`` (batch, n)."""
-        rows = _row_index(self.index, k.device)[:, None]
-        self.cache.self_k[layer, rows, :, slots] = k.transpose(1, 2)
-        self.cache.self_v[layer, rows, :, slots] = v.transpose(1, 2)
+        self.cache.self_k[layer, self._rows, :, slots] = k.transpose(1, 2)
+        self.cache.self_v[layer, self._rows, :, slots] = v.transpose(1, 2)
 
     def self_kv(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.self_k[layer, self.index, :, :span], self.cache.self_v[layer, self.index, :, :span]
@@ -200,8 +200,3 @@ class RowView:
         return (self.cache.cross_k[layer, self.index, :, : self.frames],
                 self.cache.cross_v[layer, self.index, :, : self.frames])
 
-
-def _row_index(index: slice | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(index, torch.Tensor):
-        return index
-    return torch.arange(index.start, index.stop, device=device)
