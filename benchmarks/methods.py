@@ -17,6 +17,7 @@ import torch
 from specasr_vllm.audio import log_mel_spectrogram
 from specasr_vllm.config import EngineConfig, SpecConfig, cache_dir
 from specasr_vllm.engine import Transcriber
+from specasr_vllm.engine.longform import is_long
 from specasr_vllm.models import registry
 from specasr_vllm.models.registry import ASRModel
 
@@ -65,6 +66,12 @@ class TransformersGreedy:
 
     @torch.no_grad()
     def run(self, audio: np.ndarray, language: str) -> Run:
+        if is_long(len(audio)):  # sequential long-form generate, which encodes window by window itself
+            t0 = time.perf_counter()
+            out = self.model.generate(log_mel_spectrogram(audio, pad=False)[None], language=language,
+                                      task="transcribe", return_timestamps=True)[0].tolist()
+            tokens = [t for t in out if t != self.eot]
+            return Run(tokens, self.tokenizer.decode(tokens).strip(), time.perf_counter() - t0)
         t0 = time.perf_counter()
         mel = log_mel_spectrogram(audio)[None]
         encoder_outputs = self.model.model.encoder(mel)

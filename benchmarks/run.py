@@ -2,6 +2,7 @@
 
     python -m benchmarks.run                 # full run over the dev set's English files up to 30 s
     python -m benchmarks.run --quick         # 3 files (or --limit N), 1 repetition: proves the harness works
+    python -m benchmarks.run --long-form --methods ar,specasr   # also files over 30 s, in their own table
 
 Fairness: one process, the same files for every method, a warm-up per method, repetitions
 interleaved (file by file, methods in rotating order), medians per file, the torch thread count
@@ -42,6 +43,7 @@ SPEC_VARIANTS = {  # name -> (method, SpecConfig switches): the paper's baseline
 }
 ALL = ["ar", *SPEC_VARIANTS, "transformers", "faster-whisper-int8", "faster-whisper-fp32"]
 QUICK = ["ar", "sd", "specasr", "transformers", "faster-whisper-int8"]
+LONG_FORM_S = 30.0  # files longer than one window: decoded window after window from a seek point
 
 
 def build_methods(names: list[str], model: str, draft: str, threads: int) -> tuple[list, dict[str, str]]:
@@ -151,13 +153,23 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown(summary: dict, skipped: dict[str, str], info: dict) -> str:
+def markdown(summary: dict, skipped: dict[str, str], info: dict, long_summary: dict | None = None) -> str:
     cols = ["method", "identical to ar", "WER", "encode s", "decode s", "e2e s", "RTF", "tok/s", "passes/tok",
             "draft steps/tok", "mean accept", "decode x ar", "e2e x ar", "decode x sd"]
     lines = [(f"Run {info['run']}: {info['files']} files, {info['audio_s']:.0f} s of audio, {info['reps']} rep(s), "
               f"{info['machine']['torch_threads']} torch threads, {info['machine']['cpu']} "
-              f"({info['machine']['cores']} cores), target {info['model']}, draft {info['draft']}"), "", "| " + " | ".join(cols) + " |",
-             "|" + "---|" * len(cols)]
+              f"({info['machine']['cores']} cores), target {info['model']}, draft {info['draft']}")]
+    tables = [("files up to 30 s", summary)] + ([("long-form: files over 30 s", long_summary)] if long_summary else [])
+    for title, table in tables:
+        lines += ["", f"{title}:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += _rows(table)
+    for name, why in skipped.items():
+        lines.append(f"\nnot run: {name}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def _rows(summary: dict) -> list[str]:
+    lines = []
     for name, s in summary.items():
         share = s["identical_share"]
         ident = "-" if share is None else f"{100 * share:.0f}%" + (" FAIL" if s["lossless"] and share < 1 else "")
@@ -168,9 +180,7 @@ def markdown(summary: dict, skipped: dict[str, str], info: dict) -> str:
             _fmt(s.get("mean_acceptance"), ".2f"), _fmt(s.get("decode_speedup_vs_ar"), ".2f"),
             _fmt(s.get("total_speedup_vs_ar"), ".2f"), _fmt(s.get("decode_speedup_vs_sd"), ".2f"),
         ]) + " |")
-    for name, why in skipped.items():
-        lines.append(f"\nnot run: {name}: {why}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plots(summary: dict, stem: Path) -> list[Path]:
@@ -226,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", default=str(default_manifest()))
     p.add_argument("--language", default="en", help="only files of this language (default: en)")
     p.add_argument("--max-duration", type=float, default=30.0, help="only files at most this long (s)")
+    p.add_argument("--long-form", action="store_true",
+                   help="also the files over 30 s (seek-based long-form decoding), reported in their own table")
     p.add_argument("--limit", type=int, default=None, help="only the first N files")
     p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(ALL)}")
     p.add_argument("--reps", type=int, default=1, help="interleaved repetitions per file (medians are reported)")
@@ -241,13 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     names = args.methods.split(",") if args.methods else (QUICK if args.quick else ALL)
     entries = read_manifest(Path(args.manifest), language=args.language, max_duration=args.max_duration)
     entries = entries[: (args.limit or 3) if args.quick else args.limit]
+    long_entries = [e for e in read_manifest(Path(args.manifest), language=args.language)
+                    if e.duration > LONG_FORM_S] if args.long_form else []
     if not entries:
         raise SystemExit("no files match the filters")
-    audio = {e.id: decode_audio(e.audio) for e in entries}
+    audio = {e.id: decode_audio(e.audio) for e in entries + long_entries}
     methods, skipped = build_methods(names, args.model, args.draft, args.threads)
     started = time.time()
-    runs = measure(methods, entries, audio, 1 if args.quick else args.reps)
+    runs = measure(methods, entries + long_entries, audio, 1 if args.quick else args.reps)
     summary = summarise(methods, entries, runs)
+    long_summary = summarise(methods, long_entries, runs) if long_entries else None
     run = args.name or datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     info = {"run": run, "files": len(entries), "audio_s": sum(e.duration for e in entries), "reps": args.reps,
             "model": args.model, "draft": args.draft, "manifest": args.manifest, "language": args.language,
@@ -255,13 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / run
-    table = markdown(summary, skipped, info)
-    stem.with_suffix(".json").write_text(json.dumps({"info": info, "skipped": skipped, "methods": summary}, indent=1))
+    table = markdown(summary, skipped, info, long_summary)
+    stem.with_suffix(".json").write_text(json.dumps({"info": info, "skipped": skipped, "methods": summary,
+                                                     "long_form": long_summary}, indent=1))
     stem.with_suffix(".md").write_text(table)
     pngs = plots(summary, stem)
     print(table)
     print("wrote", stem.with_suffix(".json"), stem.with_suffix(".md"), *pngs)
-    failures = [n for n, s in summary.items() if s["lossless"] and s["identical_share"] is not None and s["identical_share"] < 1]
+    failures = [n for table in (summary, long_summary or {}) for n, s in table.items()
+                if s["lossless"] and s["identical_share"] is not None and s["identical_share"] < 1]
     if failures:
         print(f"FAILURE: lossless methods differ from ar: {', '.join(failures)}")
         return 1

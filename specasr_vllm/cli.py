@@ -27,6 +27,7 @@ from specasr_vllm.config import (
     METHODS,
     N_FRAMES,
     OUTPUT_FORMATS,
+    DecodeOptions,
     EngineConfig,
     ServerConfig,
     SpecConfig,
@@ -231,8 +232,15 @@ def _options(args: argparse.Namespace) -> dict:
     """What ``Transcriber.transcribe`` needs from the command line (timestamps only where the format shows them)."""
     from specasr_vllm.formats import needs_timestamps
 
-    return {"language": args.language, "task": args.task, "prompt": args.prompt,
-            "timestamps": needs_timestamps(args.output_format)}
+    if args.word_timestamps and args.output_format != "verbose_json":
+        raise InvalidRequestError("--word-timestamps shows in --output-format verbose_json only")
+    options = DecodeOptions(
+        task=args.task, prompt=args.prompt, timestamps=needs_timestamps(args.output_format),
+        temperature=args.temperature, temperature_increment_on_fallback=args.temperature_increment_on_fallback,
+        compression_ratio_threshold=args.compression_ratio_threshold, logprob_threshold=args.logprob_threshold,
+        no_speech_threshold=args.no_speech_threshold, condition_on_previous_text=args.condition_on_previous_text,
+        word_timestamps=args.word_timestamps, seed=args.seed)
+    return {"language": args.language, "options": options}
 
 
 def _timed(transcriber, audios, args, acc: list[float]):
@@ -451,11 +459,44 @@ def _add_transcribe(sub: argparse._SubParsersAction) -> None:
                    help="OpenAI's formats; verbose_json, srt and vtt decode Whisper's timestamps")
     p.add_argument("--prompt", default=None, help="text to condition on (names, spellings, earlier context)")
     p.add_argument("--output-dir", default=None, help="write FILE.<format> here instead of printing")
+    _decoding_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stats", action="store_true", help="print per-file speculative decoding statistics")
     p.add_argument("--compare", default=None, choices=METHODS,
                    help="also decode with this method and print the speedup and identical-output check")
     p.set_defaults(func=cmd_transcribe)
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def _optional_float(text: str) -> float | None:
+    """A threshold, or ``none`` to switch its check off (openai-whisper's convention)."""
+    return None if text.lower() == "none" else float(text)
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    """Temperature fallback, conditioning and word timestamps, with openai-whisper's names and defaults."""
+    d = DecodeOptions()
+    p.add_argument("--temperature", type=_unit_float, default=d.temperature,
+                   help="sampling temperature of the first decode of each window (default: %(default)s, greedy)")
+    p.add_argument("--temperature-increment-on-fallback", type=_optional_float,
+                   default=d.temperature_increment_on_fallback,
+                   help="decode a failed window again this much hotter, up to 1.0; none: never (default: %(default)s)")
+    p.add_argument("--compression-ratio-threshold", type=_optional_float, default=d.compression_ratio_threshold,
+                   help="text that zlib compresses more than this is a repetition loop (default: %(default)s)")
+    p.add_argument("--logprob-threshold", type=_optional_float, default=d.logprob_threshold,
+                   help="a window whose average log-probability is below this fails (default: %(default)s)")
+    p.add_argument("--no-speech-threshold", type=_optional_float, default=d.no_speech_threshold,
+                   help="a failed window whose no-speech probability is above this is silence (default: %(default)s)")
+    p.add_argument("--condition-on-previous-text", action="store_true",
+                   help="prompt each window with the text before it (more consistent, can loop)")
+    p.add_argument("--word-timestamps", action="store_true", help="word start and end times (verbose_json)")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default: %(default)s)")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -51,6 +51,39 @@ def default_manifest() -> Path:
     return speech_data_dir() / "manifest.jsonl"
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What one request asks of decoding, with openai-whisper's names and defaults.
+
+    Temperature fallback: a window is decoded at ``temperature``; while its text compresses too well
+    (a repetition loop) or its average log-probability is too low, it is decoded again at a
+    temperature ``temperature_increment_on_fallback`` higher, up to 1.0 (``None``: never again).
+    A window whose no-speech probability is above ``no_speech_threshold`` and whose log-probability is
+    low is silence: it yields no text. Sampling is seeded: the same ``seed`` gives the same text, with
+    every decoding method (see ``models/sampling.py``).
+    """
+
+    task: str = "transcribe"
+    timestamps: bool = False  # timestamp tokens and segments (audio over 30 s always decodes them)
+    prompt: str | None = None  # earlier text, spellings of names: conditions every window
+    temperature: float = 0.0
+    temperature_increment_on_fallback: float | None = 0.2
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    condition_on_previous_text: bool = False  # prompt each window with the text before it (transformers' default)
+    word_timestamps: bool = False
+    seed: int = 0
+
+    def temperatures(self) -> list[float]:
+        """The fallback schedule: ``temperature``, then up by the increment while at most 1.0."""
+        step = self.temperature_increment_on_fallback
+        if not step or step <= 0:
+            return [self.temperature]
+        count = int(round((1.0 - self.temperature) / step, 6)) + 1
+        return [round(self.temperature + k * step, 6) for k in range(max(count, 1))]
+
+
 @dataclass
 class SpecConfig:
     """SpecASR's knobs. ``method`` picks a preset; the switches allow ablations of each idea."""

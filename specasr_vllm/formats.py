@@ -52,6 +52,9 @@ def to_json(t: Transcript) -> dict:
 
 
 def to_verbose_json(t: Transcript, task: str = "transcribe") -> dict:
+    """OpenAI's shape; ``words`` (start and end in seconds) when word timestamps were computed."""
+    words = [{"word": w.word.strip(), "start": round(w.start, 2), "end": round(w.end, 2)}
+             for s in t.segments for w in s.words]
     return {
         "task": task,
         "language": LANGUAGES.get(t.language, t.language),
@@ -60,12 +63,13 @@ def to_verbose_json(t: Transcript, task: str = "transcribe") -> dict:
         "segments": [
             {
                 "id": i, "seek": round(s.window_start * FRAMES_PER_SECOND), "start": round(s.start, 2),
-                "end": round(s.end, 2), "text": s.text, "tokens": s.tokens, "temperature": 0.0,
+                "end": round(s.end, 2), "text": s.text, "tokens": s.tokens, "temperature": s.temperature,
                 "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
                 "no_speech_prob": s.no_speech_prob,
             }
             for i, s in enumerate(t.segments)
         ],
+        **({"words": words} if words else {}),
         "usage": usage(t),
     }
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import io
-import itertools
 
 import av
 import numpy as np
 import pytest
 from transformers import WhisperFeatureExtractor
 
-from specasr_vllm.audio import decode_audio, log_mel_spectrogram, split_points
-from specasr_vllm.config import N_SAMPLES, SAMPLE_RATE
+from specasr_vllm.audio import decode_audio, log_mel_spectrogram
+from specasr_vllm.config import SAMPLE_RATE
 from specasr_vllm.errors import AudioDecodeError, AudioTooLongError
 
 SAMPLE = "ls-1089-134686-0000.flac"
@@ -126,18 +125,11 @@ def test_log_mel_matches_transformers(speech_dir, n_mels):
         assert np.abs(ours - ref).max() < 1e-4
 
 
-def test_split_points_cut_at_silence():
-    rng = np.random.default_rng(0)
-    audio = rng.normal(0, 0.1, 75 * SAMPLE_RATE).astype(np.float32)
-    silence = slice(27 * SAMPLE_RATE, int(27.3 * SAMPLE_RATE))
-    audio[silence] = 0
-    spans = split_points(audio)
-    assert spans[0][0] == 0 and spans[-1][1] == len(audio)
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # contiguous, nothing lost
-    assert all(e - s <= N_SAMPLES for s, e in spans)
-    assert silence.start <= spans[0][1] <= silence.stop  # first cut lands in the silence
-    assert len(spans) == 3
-
-
-def test_split_points_short_audio_is_one_window():
-    assert split_points(np.zeros(N_SAMPLES, np.float32)) == [(0, N_SAMPLES)]
+def test_whole_recording_features_match_transformers_long_form(speech_dir):
+    """Long audio is decoded from features of the whole recording, as transformers' long-form input."""
+    fe = WhisperFeatureExtractor()
+    audio = decode_audio(speech_dir / "long-shakespeare-sonnet-001.flac")
+    ref = fe(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", truncation=False, padding="longest").input_features[0]
+    ours = log_mel_spectrogram(audio, pad=False).numpy()
+    assert ours.shape == ref.shape == (80, len(audio) // 160)
+    assert np.abs(ours - ref).max() < 1e-4

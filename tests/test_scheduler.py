@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from specasr_vllm.config import DecodeOptions
 from specasr_vllm.engine import Transcript
 from specasr_vllm.server.metrics import Metrics
 from specasr_vllm.server.scheduler import EngineWorker, Job, QueueFull
@@ -20,7 +21,7 @@ class PickyTranscriber:
         self.config = SimpleNamespace(batch_size=8)
         self.batches: list[int] = []
 
-    def transcribe(self, audios, languages, task, timestamps, prompt, on_window):
+    def transcribe(self, audios, languages, options, on_window):
         self.batches.append(len(audios))
         if any(np.isnan(a).any() for a in audios):
             raise RuntimeError("NaN in the audio")
@@ -29,7 +30,7 @@ class PickyTranscriber:
 
 
 def _jobs(loop, audios, **kw):
-    return [Job(a, None, "transcribe", False, None, loop, loop.create_future(), **kw) for a in audios]
+    return [Job(a, None, DecodeOptions(), loop, loop.create_future(), **kw) for a in audios]
 
 
 def test_a_failing_request_fails_alone_and_its_batch_mates_succeed():

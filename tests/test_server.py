@@ -113,7 +113,7 @@ def test_streaming_deltas_add_up_to_the_transcript(server, speech_dir, base_ar):
     deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
     done = [e for e in events if e.type == "transcript.text.done"]
     assert len(done) == 1 and events[-1] is done[0]
-    assert len(deltas) == len(base_ar[long_id].segments) >= 2  # one delta per 30 s window
+    assert len(deltas) == len({s.window_start for s in base_ar[long_id].segments}) >= 2  # one delta per window
     assert "".join(deltas) == done[0].text == base_ar[long_id].text
 
 
@@ -148,10 +148,10 @@ BAD_INPUTS = {  # case: (status, param, start of the message, the request)
                      lambda s, a: transcribe(s, a, language="klingon")),
     "bad_temperature": (400, "temperature", "temperature must be between 0 and 1, got 3.",
                         lambda s, a: transcribe(s, a, temperature=3)),
-    "hot_temperature": (400, "temperature", "Only temperature 0 is supported",
-                        lambda s, a: transcribe(s, a, temperature=0.2)),
-    "word_timestamps": (400, "timestamp_granularities", "Word timestamps are not supported",
-                        lambda s, a: transcribe(s, a, response_format="verbose_json", timestamp_granularities=["word"])),
+    "bad_increment": (400, "temperature_increment_on_fallback", "temperature_increment_on_fallback must be between",
+                      lambda s, a: transcribe(s, a, extra_body={"temperature_increment_on_fallback": -0.2})),
+    "words_need_verbose_json": (400, "timestamp_granularities", "requires response_format 'verbose_json'",
+                                lambda s, a: transcribe(s, a, timestamp_granularities=["word"])),
     "bad_format": (400, "response_format", "Invalid response_format 'xml'",
                    lambda s, a: _form(s, a, response_format="xml")),
     "missing_file": (400, "file", "Missing required parameter: 'file'.", lambda s, a: _form(s, None)),

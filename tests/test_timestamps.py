@@ -65,7 +65,10 @@ def test_window_segments_split_at_timestamp_pairs(small):
     assert [(s.start, s.end, s.text) for s in segments] == [
         (30.0, 31.0, "hello"), (31.0, 32.0, "world"), (32.4, 58.0, "hello"),
     ]
-    assert segments[0].tokens == [ts, *hello, ts + 50] and segments[0].avg_logprob == -0.5
+    assert segments[0].tokens == [ts, *hello, ts + 50]
+    # every segment reports its window's decode: mean log-probability with the end of text (0 here, cut off)
+    assert decoded.avg_logprob == -0.5 * len(tokens) / (len(tokens) + 1)
+    assert all(s.avg_logprob == decoded.avg_logprob and s.compression_ratio > 0 for s in segments)
     assert all(s.no_speech_prob == 0.25 and s.window_start == 30.0 for s in segments)
     # no timestamps: the window is one segment
     plain = window_segments(Decoded([*hello, *world], [0.0] * 2), tok, start=0.0, end=4.0)

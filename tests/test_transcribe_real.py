@@ -8,6 +8,7 @@ from transformers import WhisperForConditionalGeneration
 
 from specasr_vllm.audio import log_mel_spectrogram
 from specasr_vllm.engine import Transcriber
+from specasr_vllm.engine.longform import is_long
 from specasr_vllm.evaluation import total, word_errors
 
 pytestmark = pytest.mark.real
@@ -22,11 +23,11 @@ def _transformers_tokens(hf, audio, segment, language: str | None, eot: int) -> 
 
 
 def test_base_is_token_identical_to_transformers(base, base_dir, manifest, dev_audio, base_ar):
-    """Every window of every tenth dev file and of every long one (the whole set was checked once, in
-    session 1; a tenth keeps the suite inside its time budget)."""
+    """Every tenth short dev file (the whole set was checked once, in session 1; a tenth keeps the suite
+    inside its time budget). Long files: ``test_longform.py``, against transformers' long-form decoding."""
     hf = WhisperForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32).eval()
     mismatches = []
-    for e in [e for i, e in enumerate(manifest) if i % 10 == 0 or len(base_ar[e.id].segments) > 1]:
+    for e in [e for i, e in enumerate(manifest) if i % 10 == 0 and not is_long(len(dev_audio[e.id]))]:
         for seg in base_ar[e.id].segments:
             ref = _transformers_tokens(hf, dev_audio[e.id], seg, e.language, base.tokenizer.eot)
             if ref != seg.tokens:
@@ -55,7 +56,7 @@ def test_language_detection(base, manifest, dev_audio):
     results = Transcriber(target=base).transcribe([dev_audio[i] for i in ids])
     assert [r.language for r in results] == ["de", "en", "en"]
     assert "Simpli" in results[0].text
-    assert len(results[2].segments) == 2 and results[2].duration > 30  # long audio: two windows
+    assert len({s.window_start for s in results[2].segments}) >= 2 and results[2].duration > 30  # several windows
 
 
 def test_batch_equals_single(base, manifest, dev_audio, base_ar):

@@ -1,7 +1,6 @@
-"""Audio front end: decode any file, resample to 16 kHz mono, log-mel features, long-audio windows."""
+"""Audio front end: decode any file, resample to 16 kHz mono, log-mel features."""
 
-from specasr_vllm.audio.chunking import split_points
 from specasr_vllm.audio.decode import check_finite, decode_audio
 from specasr_vllm.audio.mel import log_mel_spectrogram
 
-__all__ = ["check_finite", "decode_audio", "log_mel_spectrogram", "split_points"]
+__all__ = ["check_finite", "decode_audio", "log_mel_spectrogram"]

@@ -1,5 +1,5 @@
-"""Greedy autoregressive decoding: the baseline every speedup is measured against, and the reference
-output every speculative method must reproduce token for token.
+"""Autoregressive decoding, greedy or seeded sampling: the baseline every speedup is measured against, and
+the reference output every speculative method must reproduce token for token.
 """
 
 from __future__ import annotations
@@ -12,20 +12,25 @@ from specasr_vllm.engine.rows import BatchRows
 from specasr_vllm.models.kv_cache import DecoderCache
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import WhisperRules
+from specasr_vllm.models.sampling import Sampling
 
 
 @torch.no_grad()
 def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, prefixes: list[list[int]],
               max_positions: int = MAX_TARGET_POSITIONS, timestamps: bool = False,
-              cache: DecoderCache | None = None) -> list[Decoded]:
+              cache: DecoderCache | None = None, sampling: Sampling | None = None) -> list[Decoded]:
     """One ``Decoded`` per row; all prefixes have the same length, and prefix plus output stop at
     ``max_positions`` (Whisper's 448 by default). ``timestamps`` applies the timestamp grammar.
     ``cache`` (optional) is a preallocated cache whose rows this batch claims and gives back.
+    ``sampling`` (one seed per row of ``prefixes``) samples instead of picking greedily; the token a
+    row picks after generating ``p`` tokens uses the noise of position ``p``.
 
     One decoder step per token for the whole batch; rows that finish leave the batch so the rest
     stop paying for them.
     """
     model = asr.model
+    if sampling is not None and len(sampling.seeds) != len(prefixes):
+        raise ValueError(f"{len(sampling.seeds)} sampling seeds for {len(prefixes)} rows")
     with BatchRows(model, audio_features, cache) as batch:
         prefill = model.decode(torch.tensor(prefixes, device=model.device), batch.cache, batch.rows)
         outputs = [Decoded(no_speech_prob=p) for p in rules.no_speech_prob(prefill, prefixes[0])]
@@ -33,7 +38,9 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
         first = True
         while batch.active:
             contexts = [outputs[i].tokens for i in batch.active] if timestamps else None
-            tokens, logprobs = rules.pick(logits, first, contexts)
+            noise = None if sampling is None else sampling.noise(
+                batch.active, [len(outputs[i].tokens) for i in batch.active], logits.shape[-1], logits.device)
+            tokens, logprobs = rules.pick(logits, first, contexts, noise)
             first = False
             keep = []
             for pos, (i, tok, logprob) in enumerate(zip(batch.active, tokens, logprobs)):

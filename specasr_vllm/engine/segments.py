@@ -1,4 +1,9 @@
-"""A decoded window as segments: the whole window, or the spans between Whisper's timestamp tokens."""
+"""A decoded window as segments: the whole window, or the spans between Whisper's timestamp tokens.
+
+Each segment carries what its window's decode reported (temperature, average log-probability,
+compression ratio, no-speech probability), as openai-whisper's ``verbose_json`` does: those are the
+numbers the temperature fallback judged the window by.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,12 @@ from dataclasses import dataclass, field
 
 from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.models.tokenizer import WhisperTokenizer
+
+
+def compression_ratio(text: str) -> float:
+    """Text bytes over their zlib size: Whisper's signal for repetition loops (above 2.4 is suspect)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 @dataclass
@@ -18,20 +29,22 @@ class Segment:
     logprobs: list[float] = field(default_factory=list)
     no_speech_prob: float = 0.0  # of the window the segment is in
     window_start: float = 0.0  # seconds: where the segment's 30 s window begins
+    temperature: float = 0.0  # of the decode that produced the window
+    avg_logprob: float = 0.0  # of the window's tokens, end of text included
+    compression_ratio: float = 0.0  # of the window's text
+    words: list = field(default_factory=list)  # ``alignment.Word``s, with word timestamps
 
-    @property
-    def avg_logprob(self) -> float:
-        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
 
-    @property
-    def compression_ratio(self) -> float:
-        """Text bytes over their zlib size: Whisper's signal for repetition loops (above 2.4 is suspect)."""
-        data = self.text.encode("utf-8")
-        return len(data) / len(zlib.compress(data)) if data else 0.0
+def segment(tokenizer: WhisperTokenizer, tokens: list[int], logprobs: list[float], start: float, end: float,
+            decoded: Decoded, window_start: float) -> Segment:
+    """A segment of ``tokens`` from a window's decode, with the window's figures."""
+    return Segment(start, end, tokenizer.decode(tokens).strip(), tokens, logprobs, decoded.no_speech_prob,
+                   window_start, decoded.temperature, decoded.avg_logprob,
+                   compression_ratio(tokenizer.decode(decoded.tokens).strip()))
 
 
 def window_segments(decoded: Decoded, tokenizer: WhisperTokenizer, start: float, end: float) -> list[Segment]:
-    """Segments of one window that spans ``start``..``end`` seconds of the audio.
+    """Segments of one window (audio of at most 30 s) that spans ``start``..``end`` seconds.
 
     Without timestamp tokens the window is one segment. With them, each segment runs from its opening
     timestamp to its closing one; text after the last timestamp ends with the window.
@@ -40,23 +53,20 @@ def window_segments(decoded: Decoded, tokenizer: WhisperTokenizer, start: float,
     tokens, logprobs = decoded.tokens, decoded.logprobs
     bounds = [i for i, t in enumerate(tokens) if t >= ts]
     if not bounds:
-        return [Segment(start, end, tokenizer.decode(tokens).strip(), tokens, logprobs, decoded.no_speech_prob, start)]
+        return [segment(tokenizer, tokens, logprobs, start, end, decoded, start)]
     segments = []
     open_at: int | None = None  # index of the current segment's opening timestamp
     for i in bounds:
         if open_at is not None and i > open_at + 1:  # text between two timestamps closes a segment
-            body = tokens[open_at : i + 1]
-            segments.append(Segment(
-                start + tokenizer.seconds(tokens[open_at]), start + tokenizer.seconds(tokens[i]),
-                tokenizer.decode(body).strip(), body, logprobs[open_at : i + 1], decoded.no_speech_prob, start,
-            ))
+            segments.append(segment(tokenizer, tokens[open_at : i + 1], logprobs[open_at : i + 1],
+                                    start + tokenizer.seconds(tokens[open_at]), start + tokenizer.seconds(tokens[i]),
+                                    decoded, start))
             open_at = None
         else:
             open_at = i
     if open_at is not None and open_at + 1 < len(tokens):  # an unclosed last segment
-        body = tokens[open_at:]
-        segments.append(Segment(start + tokenizer.seconds(tokens[open_at]), end, tokenizer.decode(body).strip(),
-                                body, logprobs[open_at:], decoded.no_speech_prob, start))
+        segments.append(segment(tokenizer, tokens[open_at:], logprobs[open_at:],
+                                start + tokenizer.seconds(tokens[open_at]), end, decoded, start))
     for s in segments:  # timestamps may point into the padding past the audio's end
         s.end = min(s.end, end)
     return [s for s in segments if s.start < end]

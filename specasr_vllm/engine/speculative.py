@@ -4,7 +4,8 @@ The whole loop on one screen: the target's prefill yields each row's first token
 row ends, the drafter proposes a tree per row, the target scores every row's tree in one batched
 forward (tree attention mask), the greedy acceptance rule keeps the longest matching path plus the
 target's own next token, and the target's cache keeps exactly that path. Output is token-identical
-to ``decode_ar``.
+to ``decode_ar``, greedy or sampled with the same seeds: the target's choice at a tree node is the
+token AR would pick there, noise included (``models/sampling.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from specasr_vllm.engine.rows import BatchRows
 from specasr_vllm.models.kv_cache import DecoderCache
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import WhisperRules
+from specasr_vllm.models.sampling import Sampling
 from specasr_vllm.speculation import Drafter, DraftTree, accept_greedy, pack_rows
 
 
@@ -30,18 +32,25 @@ def decode_speculative(
     asr: ASRModel, rules: WhisperRules, drafter: Drafter, audio_features: torch.Tensor,
     prefixes: list[list[int]], keys: list[Hashable], max_positions: int = MAX_TARGET_POSITIONS,
     pool: ThreadPoolExecutor | None = None, timestamps: bool = False, cache: DecoderCache | None = None,
+    sampling: Sampling | None = None,
 ) -> list[Decoded]:
     """``keys`` are the rows' requests, already started with ``drafter``; ``pool`` (one worker) lets
     the drafter run ahead during each target pass, one core each; ``cache`` as in ``decode_ar``.
 
-    With ``timestamps`` the rules see, at every tree node, the tokens on the path to it.
+    With ``timestamps`` the rules see, at every tree node, the tokens on the path to it. ``sampling``
+    as in ``decode_ar``: verification input ``j`` of a row that has generated ``L`` tokens predicts
+    position ``L + depth(j)`` and takes that position's noise, so AR and speculation agree per seed.
     """
     model = asr.model
+    if sampling is not None and len(sampling.seeds) != len(prefixes):
+        raise ValueError(f"{len(sampling.seeds)} sampling seeds for {len(prefixes)} rows")
     limit = [max_positions - len(p) for p in prefixes]  # tokens each row may emit
     with BatchRows(model, audio_features, cache) as batch:
         prefill = model.decode(torch.tensor(prefixes, device=model.device), batch.cache, batch.rows)
         outputs = [Decoded(no_speech_prob=p) for p in rules.no_speech_prob(prefill, prefixes[0])]
-        first, logprobs = rules.pick(prefill[:, -1], True, [[] for _ in prefixes] if timestamps else None)
+        noise = None if sampling is None else sampling.noise(
+            list(range(len(prefixes))), [0] * len(prefixes), prefill.shape[-1], prefill.device)
+        first, logprobs = rules.pick(prefill[:, -1], True, [[] for _ in prefixes] if timestamps else None, noise)
         for out, tok, logprob in zip(outputs, first, logprobs):
             out.extend([tok], [logprob], rules.eot)
             out.passes += 1
@@ -52,7 +61,8 @@ def decode_speculative(
             active = batch.active
             trees = drafter.propose({keys[i]: outputs[i].tokens for i in active},
                                     {keys[i]: limit[i] - len(outputs[i].tokens) - 1 for i in active})
-            packed = pack_rows([trees[keys[i]].verification_row(last[i]) for i in active], rules.eot, model.device)
+            tree_rows = [trees[keys[i]].verification_row(last[i]) for i in active]
+            packed = pack_rows(tree_rows, rules.eot, model.device)
             n = packed.tokens.shape[1]
             starts = batch.cache.lengths(batch.rows)
             stop = threading.Event()
@@ -61,7 +71,11 @@ def decode_speculative(
             logits = model.decode(packed.tokens, batch.cache, batch.rows, packed.mask, packed.depths).flatten(0, 1)
             contexts = [ctx for i in active for ctx in _node_contexts(outputs[i].tokens, trees[keys[i]], n)] \
                 if timestamps else None
-            choices, logprobs = rules.pick(logits, False, contexts)
+            noise = None if sampling is None else sampling.noise(
+                [i for i in active for _ in range(n)],  # padding inputs: depth 0, their choice is never read
+                [len(outputs[i].tokens) + d for i, row in zip(active, tree_rows) for d in _padded(row.depths, n)],
+                logits.shape[-1], logits.device)
+            choices, logprobs = rules.pick(logits, False, contexts, noise)
             seconds = time.perf_counter() - t0
             if ahead is not None:
                 stop.set()
@@ -95,3 +109,8 @@ def _node_contexts(generated: list[int], tree: DraftTree, n: int) -> list[list[i
     """The tokens before each of the ``n`` verification inputs (root, nodes, padding) of one row."""
     paths = [[]] + [[tree.tokens[node] for node in tree.path_to(i)] for i in range(len(tree))]
     return [generated + path for path in paths] + [generated] * (n - len(paths))
+
+
+def _padded(depths: list[int], n: int) -> list[int]:
+    """A row's input depths padded to the pass's ``n`` inputs, as ``pack_rows`` pads them."""
+    return depths + [0] * (n - len(depths))

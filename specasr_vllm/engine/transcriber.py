@@ -1,4 +1,4 @@
-"""Audio in, text out: windows long audio, computes features, detects language, decodes in batches."""
+"""Audio in, text out: features, language detection, windows decoded in batches (with fallback), segments."""
 
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specasr_vllm.audio import check_finite, log_mel_spectrogram, split_points
-from specasr_vllm.config import DEFAULT_DRAFT, METHODS, SAMPLE_RATE, EngineConfig
+from specasr_vllm.audio import check_finite, log_mel_spectrogram
+from specasr_vllm.config import DEFAULT_DRAFT, HOP_LENGTH, METHODS, N_FRAMES, SAMPLE_RATE, DecodeOptions, EngineConfig
+from specasr_vllm.engine.alignment import align_windows, assign_words
 from specasr_vllm.engine.ar import decode_ar
-from specasr_vllm.engine.segments import Segment, window_segments
+from specasr_vllm.engine.decoded import Decoded
+from specasr_vllm.engine.longform import is_long, seek_segments, window_features
+from specasr_vllm.engine.segments import Segment, compression_ratio, window_segments
 from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
+from specasr_vllm.models.sampling import Sampling
+from specasr_vllm.models.tokenizer import MAX_PROMPT_TOKENS
 from specasr_vllm.speculation import Drafter, SpecStats
 
 
@@ -49,11 +54,34 @@ class Transcript:
 
 
 @dataclass
-class _Window:
-    audio_index: int
-    window_index: int
-    start: int
-    end: int
+class _Audio:
+    """One audio's progress: where its next window starts, and what its windows said so far."""
+
+    index: int
+    samples: np.ndarray
+    language: str | None
+    mel: torch.Tensor  # long audio: the whole recording's features; short: its one padded window
+    long: bool
+    seek: int = 0  # mel frames already decoded
+    segments: list[Segment] = field(default_factory=list)
+    history: list[int] = field(default_factory=list)  # earlier windows' tokens, for condition_on_previous_text
+    conditioned: bool = True  # the last window was decoded at a low temperature (the reference's rule)
+
+    @property
+    def frames(self) -> int:
+        """Mel frames to decode: the recording's (long), or one padded window's."""
+        return self.mel.shape[-1]
+
+    @property
+    def done(self) -> bool:
+        return self.seek >= self.frames
+
+    def window(self) -> tuple[torch.Tensor, int, np.ndarray]:
+        """The next window: its (n_mels, 3000) features, its real frames, its samples."""
+        if not self.long:
+            return self.mel, min(len(self.samples) // HOP_LENGTH, N_FRAMES), self.samples
+        features, frames = window_features(self.mel, self.seek)
+        return features, frames, self.samples[self.seek * HOP_LENGTH : (self.seek + frames) * HOP_LENGTH]
 
 
 class Transcriber:
@@ -85,15 +113,22 @@ class Transcriber:
                 if spec.concurrent_draft else None
 
     def transcribe(self, audios: list[np.ndarray], language: str | None | list[str | None] = None,
-                   task: str = "transcribe", timestamps: bool = False, prompt: str | None = None,
-                   on_window: Callable[[int, list[Segment]], None] | None = None) -> list[Transcript]:
+                   options: DecodeOptions | None = None,
+                   on_window: Callable[[int, list[Segment]], None] | None = None, **fields) -> list[Transcript]:
         """Transcripts of ``audios`` (16 kHz mono); ``language`` for all or per audio (None: detect).
 
-        ``timestamps`` decodes Whisper's timestamp tokens into segments; ``prompt`` conditions every
-        window on earlier text (names, spellings, style); ``on_window(audio, segments)``
-        hears each 30 s window as soon as its batch is decoded, windows of one audio in order.
+        ``options`` (or its fields as keywords: ``timestamps=True``, ``prompt=...``) say how to decode.
+        Audio up to 30 s is one window; longer audio is decoded window after window from a seek point
+        (``longform``), always with timestamps. Windows of different audios decode together, in
+        batches. ``on_window(audio, segments)`` hears each window's segments as soon as it is decoded,
+        windows of one audio in order.
         """
+        if options is not None and fields:
+            raise TypeError("pass options or their fields, not both")
+        options = options or DecodeOptions(**fields)
         tok = self.target.tokenizer
+        if options.word_timestamps and not self.target.alignment_heads:
+            raise InvalidRequestError(f"{self.target.name} names no alignment heads: word timestamps need them")
         for i, audio in enumerate(audios):
             check_finite(audio, f"audio {i}")
         languages = language if isinstance(language, list) else [language] * len(audios)
@@ -102,61 +137,163 @@ class Transcriber:
         languages = [tok.language_code(code) if code is not None else None for code in languages]
         if not tok.multilingual:
             languages = ["en"] * len(audios)
-        windows = [
-            _Window(a, w, s, e) for a, audio in enumerate(audios) for w, (s, e) in enumerate(split_points(audio))
+        n_mels = self.target.n_mels
+        states = [
+            _Audio(i, audio, lang, log_mel_spectrogram(audio, n_mels, pad=not is_long(len(audio))), is_long(len(audio)))
+            for i, (audio, lang) in enumerate(zip(audios, languages))
         ]
-        windows.sort(key=lambda w: (w.window_index, w.audio_index))  # every first window before any second
-        texts: dict[tuple[int, int], list[Segment]] = {}
-        self.totals: dict[str, float] = {}  # seconds per phase over this call's batches
+        self.totals = {}  # seconds per phase over this call's batches
         results = [Transcript(text="", language="", duration=len(a) / SAMPLE_RATE) for a in audios]
-        size = self.config.batch_size
-        for b in range(0, len(windows), size):
-            batch = windows[b : b + size]
-            clips = [audios[w.audio_index][w.start : w.end] for w in batch]
-            timings = {"encode": time.perf_counter()}
-            mels = torch.stack([log_mel_spectrogram(c, self.target.n_mels) for c in clips])
-            features = self.target.model.encode(mels)
-            undetected = [i for i, w in enumerate(batch) if languages[w.audio_index] is None]
-            if undetected:
-                for i, code in zip(undetected, self._detect_language(features[undetected])):
-                    languages[batch[i].audio_index] = code
-            prefixes = [tok.prefix(languages[w.audio_index], task, timestamps, prompt) for w in batch]
-            timings["encode"] = time.perf_counter() - timings["encode"]
-            t0 = time.perf_counter()
-            if self.drafter is None:
-                outputs = decode_ar(self.target, self.rules, features, prefixes, timestamps=timestamps, cache=self.cache)
-                stats = [SpecStats(output_tokens=len(d.tokens), target_passes=d.passes) for d in outputs]
-            else:
-                keys = [next(self._keys) for _ in batch]
-                for key, clip, mel, w in zip(keys, clips, mels, batch):
-                    self.drafter.start(key, languages[w.audio_index], task, timestamps, prompt, mel=mel, audio=clip)
-                self.drafter.prepare(keys)
-                timings["draft_encode"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                try:
-                    with _threads(1 if self.pool else torch.get_num_threads()):
-                        outputs = decode_speculative(self.target, self.rules, self.drafter, features, prefixes, keys,
-                                                     pool=self.pool, timestamps=timestamps, cache=self.cache)
-                finally:
-                    final = self.drafter.release(keys)
-                stats = [final[key] for key in keys]
-            timings["decode"] = time.perf_counter() - t0
-            for w, decoded, st in zip(batch, outputs, stats):
-                segments = window_segments(decoded, tok, w.start / SAMPLE_RATE, w.end / SAMPLE_RATE)
-                texts[(w.audio_index, w.window_index)] = segments
-                results[w.audio_index].stats.merge(st)
-                if on_window is not None:
-                    on_window(w.audio_index, segments)
+        while pending := [s for s in states if not s.done]:
+            batch = self._next_batch(pending, options)
+            timings = self._decode_batch(batch, options, results, on_window)
             for name, seconds in timings.items():
                 self.totals[name] = self.totals.get(name, 0.0) + seconds
-            for a in {w.audio_index for w in batch}:
-                for name, seconds in timings.items():
-                    results[a].timings[name] = results[a].timings.get(name, 0.0) + seconds
-        for a, result in enumerate(results):
-            result.segments = [s for k in sorted(k for k in texts if k[0] == a) for s in texts[k]]
+                for state in batch:
+                    results[state.index].timings[name] = results[state.index].timings.get(name, 0.0) + seconds
+        for state, result in zip(states, results):
+            result.segments = state.segments
             result.text = " ".join(s.text for s in result.segments if s.text)
-            result.language = languages[a] or "en"
+            result.language = state.language or "en"
         return results
+
+    def _context(self, state: _Audio, options: DecodeOptions) -> list[int]:
+        """The tokens a window is prompted with: the request's prompt, then (when conditioning) earlier windows'."""
+        prompt = self.target.tokenizer.prompt_tokens(options.prompt)
+        if options.condition_on_previous_text and state.conditioned and state.history:
+            return (prompt + state.history)[-MAX_PROMPT_TOKENS:]
+        return prompt
+
+    def _next_batch(self, pending: list[_Audio], options: DecodeOptions) -> list[_Audio]:
+        """The first pending audio's next window, with as many others as share its prefix's shape."""
+        def shape(state: _Audio) -> tuple[bool, int]:
+            return state.long or options.timestamps, len(self._context(state, options))
+        key = shape(pending[0])
+        return [s for s in pending if shape(s) == key][: self.config.batch_size]
+
+    def _decode_batch(self, batch: list[_Audio], options: DecodeOptions, results: list[Transcript],
+                      on_window: Callable[[int, list[Segment]], None] | None) -> dict[str, float]:
+        """Encode and decode one window of each audio in ``batch`` (with fallback), then move each on."""
+        tok = self.target.tokenizer
+        timings = {"encode": time.perf_counter()}
+        windows = [state.window() for state in batch]
+        features = self.target.model.encode(torch.stack([w[0] for w in windows]))
+        undetected = [i for i, s in enumerate(batch) if s.language is None]
+        if undetected:
+            for i, code in zip(undetected, self._detect_language(features[undetected])):
+                batch[i].language = code
+        timestamps = batch[0].long or options.timestamps
+        prefixes = [tok.prefix(s.language, options.task, timestamps, self._context(s, options)) for s in batch]
+        timings["encode"] = time.perf_counter() - timings["encode"]
+        decoded, stats = self._decode_with_fallback(batch, windows, features, prefixes, timestamps, options, timings)
+        kept = []
+        for state, (_, frames, _), dec, st in zip(batch, windows, decoded, stats):
+            results[state.index].stats.merge(st)
+            duration = len(state.samples) / SAMPLE_RATE
+            if self._is_silence(dec, options):
+                segments, advance = [], frames
+            elif state.long:
+                segments, advance = seek_segments(dec, tok, state.seek, frames, duration)
+            else:
+                segments, advance = window_segments(dec, tok, 0.0, duration), state.frames
+            kept.append(segments)
+            state.seek += advance
+            state.segments += segments
+            state.conditioned = dec.temperature < 0.5
+            for s in segments:
+                ending_pair = len(s.tokens) > 2 and s.tokens[-2] >= tok.timestamp_begin
+                state.history += s.tokens[:-1] if ending_pair else s.tokens  # the reference drops one of two
+        if options.word_timestamps:
+            t0 = time.perf_counter()
+            self._add_words(kept, features, prefixes, [w[1] for w in windows])
+            timings["align"] = time.perf_counter() - t0
+        if on_window is not None:
+            for state, segments in zip(batch, kept):
+                on_window(state.index, segments)
+        return timings
+
+    def _add_words(self, segments: list[list[Segment]], features: torch.Tensor, prefixes: list[list[int]],
+                   frames: list[int]) -> None:
+        """Word timestamps for each window's kept segments: one alignment pass for the batch."""
+        rows = [i for i, window in enumerate(segments) if window]
+        if not rows:
+            return
+        words = align_windows(self.target, features[rows], [prefixes[i] for i in rows],
+                              [[t for s in segments[i] for t in s.tokens] for i in rows], [frames[i] for i in rows],
+                              [segments[i][0].window_start for i in rows])
+        for i, window_words in zip(rows, words):
+            assign_words(self.target.tokenizer, segments[i], window_words)
+
+    def _decode_with_fallback(self, batch: list[_Audio], windows: list, features: torch.Tensor,
+                              prefixes: list[list[int]], timestamps: bool, options: DecodeOptions,
+                              timings: dict[str, float]) -> tuple[list[Decoded], list[SpecStats]]:
+        """Each window decoded at the first temperature of the schedule whose result passes the checks,
+        and each window's statistics over all its attempts."""
+        schedule = options.temperatures()
+        final: list[Decoded | None] = [None] * len(batch)
+        stats = [SpecStats() for _ in batch]
+        todo = list(range(len(batch)))
+        for attempt, temperature in enumerate(schedule):
+            seeds = [hash((options.seed, batch[i].seek, attempt)) & (2**63 - 1) for i in todo]
+            sampling = Sampling(temperature, seeds) if temperature > 0 else None
+            outputs, attempt_stats = self._decode(
+                [batch[i] for i in todo], [windows[i] for i in todo], features[todo], [prefixes[i] for i in todo],
+                timestamps, options, sampling, timings)
+            retry = []
+            for i, dec, st in zip(todo, outputs, attempt_stats):
+                dec.temperature = temperature
+                stats[i].merge(st)
+                final[i] = dec
+                if attempt + 1 < len(schedule) and self._needs_fallback(dec, options):
+                    retry.append(i)
+            if not retry:
+                break
+            todo = retry
+        return final, stats
+
+    def _decode(self, batch: list[_Audio], windows: list, features: torch.Tensor, prefixes: list[list[int]],
+                timestamps: bool, options: DecodeOptions, sampling: Sampling | None,
+                timings: dict[str, float]) -> tuple[list[Decoded], list[SpecStats]]:
+        """One decode of these windows with the configured method, and each window's statistics."""
+        t0 = time.perf_counter()
+        if self.drafter is None:
+            outputs = decode_ar(self.target, self.rules, features, prefixes, timestamps=timestamps, cache=self.cache,
+                                sampling=sampling)
+            stats = [SpecStats(output_tokens=len(d.tokens), target_passes=d.passes) for d in outputs]
+        else:
+            keys = [next(self._keys) for _ in batch]
+            for key, state, (mel, _, clip) in zip(keys, batch, windows):
+                self.drafter.start(key, state.language, options.task, timestamps, options.prompt, mel=mel, audio=clip)
+            self.drafter.prepare(keys)
+            timings["draft_encode"] = timings.get("draft_encode", 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            try:
+                with _threads(1 if self.pool else torch.get_num_threads()):
+                    outputs = decode_speculative(self.target, self.rules, self.drafter, features, prefixes, keys,
+                                                 pool=self.pool, timestamps=timestamps, cache=self.cache,
+                                                 sampling=sampling)
+            finally:
+                final = self.drafter.release(keys)
+            stats = [final[key] for key in keys]
+        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
+        return outputs, stats
+
+    def _needs_fallback(self, decoded: Decoded, options: DecodeOptions) -> bool:
+        """openai-whisper's rule: a repetition loop or a low log-probability, unless the window is silence."""
+        text = self.target.tokenizer.decode(decoded.tokens).strip()
+        bad = (options.compression_ratio_threshold is not None
+               and compression_ratio(text) > options.compression_ratio_threshold)
+        bad |= options.logprob_threshold is not None and decoded.avg_logprob < options.logprob_threshold
+        silence = (options.no_speech_threshold is not None and decoded.no_speech_prob > options.no_speech_threshold
+                   and options.logprob_threshold is not None and decoded.avg_logprob < options.logprob_threshold)
+        return bad and not silence
+
+    @staticmethod
+    def _is_silence(decoded: Decoded, options: DecodeOptions) -> bool:
+        """openai-whisper's skip: no speech is likely and the text is not confident."""
+        if options.no_speech_threshold is None or decoded.no_speech_prob <= options.no_speech_threshold:
+            return False
+        return options.logprob_threshold is None or decoded.avg_logprob <= options.logprob_threshold
 
     def _detect_language(self, features: torch.Tensor) -> list[str]:
         model = self.target.model

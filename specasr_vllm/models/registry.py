@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -138,6 +138,7 @@ class ASRModel:
     tokenizer: WhisperTokenizer
     suppress_tokens: list[int]
     begin_suppress_tokens: list[int]
+    alignment_heads: list[tuple[int, int]] = field(default_factory=list)  # (layer, head) pairs for word timing
 
     @property
     def n_mels(self) -> int:
@@ -153,6 +154,14 @@ def suppression_lists(directory: Path) -> tuple[list[int], list[int]]:
             list(generation.get("begin_suppress_tokens", config.get("begin_suppress_tokens", []))))
 
 
+def alignment_heads(directory: Path) -> list[tuple[int, int]]:
+    """The cross-attention (layer, head) pairs that follow the audio in time (word timestamps); empty if unknown."""
+    generation_path = directory / "generation_config.json"
+    generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+    heads = generation.get("alignment_heads", json.loads((directory / "config.json").read_text()).get("alignment_heads"))
+    return [(int(layer), int(head)) for layer, head in heads or []]
+
+
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ASRModel:
     directory = resolve_model(name)
     config = json.loads((directory / "config.json").read_text())
@@ -163,4 +172,5 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
         tokenizer=WhisperTokenizer.from_dir(directory, config["vocab_size"]),
         suppress_tokens=suppress,
         begin_suppress_tokens=begin_suppress,
+        alignment_heads=alignment_heads(directory),
     )

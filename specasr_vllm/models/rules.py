@@ -9,7 +9,8 @@
 - language detection is the argmax over language tokens after <|startoftranscript|>.
 
 Every rule is a function of the logits at one position and the tokens generated before it, so a
-speculative verifier that applies them per tree node reproduces autoregressive decoding exactly.
+speculative verifier that applies them per tree node reproduces autoregressive decoding exactly. So is
+temperature sampling (``models/sampling.py``): its noise depends on the position alone.
 """
 
 from __future__ import annotations
@@ -84,19 +85,28 @@ class WhisperRules:
         return logits
 
     def pick(self, logits: torch.Tensor, first: torch.Tensor | bool = False,
-             contexts: list[list[int]] | None = None) -> tuple[list[int], list[float]]:
-        """Greedy token and its log-probability for each row of (n, vocab) logits.
+             contexts: list[list[int]] | None = None,
+             noise: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+        """The token and its log-probability for each row of (n, vocab) logits: greedy, or with
+        ``noise`` ((n, vocab) float32, ``Sampling.noise``) the Gumbel-max sample ``argmax(masked + noise)``.
 
-        ``contexts`` switches on timestamps (and then also decides which rows are first).
+        ``contexts`` switches on timestamps (and then also decides which rows are first). The noise is
+        added after every rule, so a sample never breaks one. The log-probability is always that of
+        the unscaled distribution (as openai-whisper and transformers report ``avg_logprob``).
         """
         if contexts is not None:
             first = torch.tensor([not c for c in contexts], device=logits.device)
         logits = self.mask(logits, first)
         if contexts is not None:
             logits = self.timestamp_mask(logits, contexts)
-        best = logits.max(-1)  # the log-probability without materialising the whole log-softmax
-        logprobs = best.values.float() - logits.float().logsumexp(-1)
-        return best.indices.tolist(), logprobs.tolist()
+        if noise is None:
+            best = logits.max(-1)  # the log-probability without materialising the whole log-softmax
+            logprobs = best.values.float() - logits.float().logsumexp(-1)
+            return best.indices.tolist(), logprobs.tolist()
+        logits = logits.float()
+        tokens = (logits + noise).argmax(-1)
+        logprobs = logits.gather(-1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
+        return tokens.tolist(), logprobs.tolist()
 
     def no_speech_prob(self, prefill_logits: torch.Tensor, prefix: list[int]) -> list[float]:
         """Probability of <|nospeech|> at <|startoftranscript|>, from the (batch, len(prefix), vocab) prefill."""

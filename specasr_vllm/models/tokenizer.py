@@ -73,16 +73,18 @@ class WhisperTokenizer:
         return code
 
     def prefix(self, language: str | None, task: str = "transcribe", timestamps: bool = False,
-               prompt: str | None = None) -> list[int]:
+               prompt: str | list[int] | None = None) -> list[int]:
         """The forced start: [<|startofprev|> prompt] <|startoftranscript|> [<|lang|> <|task|>] [<|notimestamps|>].
 
         English-only models take no language or task token; with ``timestamps`` the model predicts
         timestamp tokens around each segment instead of being told not to. A ``prompt`` (earlier
-        text, spellings of names) is kept to its last ``MAX_PROMPT_TOKENS`` tokens, as Whisper does.
+        text, spellings of names; or tokens: a prompt's plus the previous windows' when conditioning
+        on previous text) is kept to its last ``MAX_PROMPT_TOKENS`` tokens, as Whisper does.
         """
         if task not in ("transcribe", "translate"):
             raise InvalidRequestError(f"unknown task {task!r}; use 'transcribe' or 'translate'")
-        start = [self.sot_prev, *self.encode(" " + prompt.strip())[-MAX_PROMPT_TOKENS:]] if prompt else []
+        context = self.prompt_tokens(prompt) if isinstance(prompt, str) or prompt is None else prompt
+        start = [self.sot_prev, *context[-MAX_PROMPT_TOKENS:]] if context else []
         end = [] if timestamps else [self.no_timestamps]
         if not self.multilingual:
             return [*start, self.sot, *end]
@@ -90,6 +92,10 @@ class WhisperTokenizer:
             raise InvalidRequestError("a multilingual model needs a language (or language detection)")
         task_id = self.transcribe if task == "transcribe" else self.translate
         return [*start, self.sot, self.language_ids[self.language_code(language)], task_id, *end]
+
+    def prompt_tokens(self, prompt: str | None) -> list[int]:
+        """A text prompt's tokens, as Whisper encodes it (with a leading space)."""
+        return self.encode(" " + prompt.strip()) if prompt else []
 
     def seconds(self, token: int) -> float:
         """The time a timestamp token stands for, from the start of its window."""

@@ -9,12 +9,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from specasr_vllm.errors import SpecASRError
-from specasr_vllm.formats import needs_timestamps
 from specasr_vllm.server.errors import from_engine_error
 from specasr_vllm.server.responses import respond, stream_response
 from specasr_vllm.server.scheduler import Job
 from specasr_vllm.server.service import Service
-from specasr_vllm.server.validation import AudioRequest, read_audio, validate
+from specasr_vllm.server.validation import AudioRequest, Fallback, read_audio, validate
 
 
 def register_routes(app: FastAPI, service: Service) -> None:
@@ -31,9 +30,17 @@ def register_routes(app: FastAPI, service: Service) -> None:
         temperature: float = Form(0.0),
         timestamp_granularities: list[str] = Form([], alias="timestamp_granularities[]"),
         stream: bool = Form(False),
+        temperature_increment_on_fallback: float | None = Form(None),
+        compression_ratio_threshold: float | None = Form(None),
+        logprob_threshold: float | None = Form(None),
+        no_speech_threshold: float | None = Form(None),
+        condition_on_previous_text: bool | None = Form(None),
+        seed: int | None = Form(None),
     ) -> Response:
+        fallback = Fallback(temperature_increment_on_fallback, compression_ratio_threshold, logprob_threshold,
+                            no_speech_threshold, condition_on_previous_text, seed)
         req = AudioRequest("transcribe", model, language, prompt, response_format, temperature,
-                           tuple(timestamp_granularities), stream)
+                           tuple(timestamp_granularities), stream, fallback)
         return await transcribe(request, req, file, service)
 
     @app.post("/v1/audio/translations")
@@ -44,8 +51,9 @@ def register_routes(app: FastAPI, service: Service) -> None:
         prompt: str | None = Form(None),
         response_format: str = Form("json"),
         temperature: float = Form(0.0),
+        seed: int | None = Form(None),
     ) -> Response:
-        req = AudioRequest("translate", model, None, prompt, response_format, temperature)
+        req = AudioRequest("translate", model, None, prompt, response_format, temperature, fallback=Fallback(seed=seed))
         return await transcribe(request, req, file, service)
 
     @app.get("/v1/models")
@@ -66,11 +74,10 @@ def register_routes(app: FastAPI, service: Service) -> None:
 
 async def transcribe(request: Request, req: AudioRequest, file: UploadFile, service: Service) -> Response:
     """Validate, decode the upload, queue it for the engine, and answer (whole or as a stream)."""
-    language = validate(req, service)
+    language, options = validate(req, service)
     audio = await read_audio(file, service)
     loop = asyncio.get_running_loop()
-    job = Job(audio, language, req.task, needs_timestamps(req.response_format), req.prompt or None, loop,
-              loop.create_future())
+    job = Job(audio, language, options, loop, loop.create_future())
     if req.stream:
         return stream_response(request, job, service)
     service.submit(job)

@@ -1,7 +1,7 @@
 """The engine's one thread, and the bounded queue in front of it.
 
 Request handlers (asyncio) decode the upload, then ``submit`` a ``Job``. The engine thread takes the
-oldest job plus every queued job that can share its batch (same task, timestamps and prompt; any
+oldest job plus every queued job that can share its batch (the same decoding options; any
 languages), waits ``batch_wait_ms`` for company, and runs one ``Transcriber.transcribe`` over all
 of them, so concurrent requests are decoded together. A full queue is refused at once (the caller
 answers 503 with Retry-After). If a batch fails, its jobs are retried one by one, so one bad
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from specasr_vllm.config import DecodeOptions
 from specasr_vllm.engine import Segment, Transcriber, Transcript
 from specasr_vllm.server.metrics import Metrics
 
@@ -34,9 +35,7 @@ class QueueFull(Exception):
 class Job:
     audio: np.ndarray
     language: str | None
-    task: str
-    timestamps: bool
-    prompt: str | None
+    options: DecodeOptions
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     on_window: Callable[[list[Segment]], None] | None = None  # called on the event loop, in window order
@@ -44,8 +43,8 @@ class Job:
     delivered: int = 0  # windows already passed to ``on_window`` (a retried batch does not repeat them)
 
     @property
-    def batch_key(self) -> tuple:
-        return self.task, self.timestamps, self.prompt
+    def batch_key(self) -> DecodeOptions:
+        return self.options
 
 
 class EngineWorker:
@@ -123,8 +122,6 @@ class EngineWorker:
                 self.metrics.running.set(0)
 
     def _transcribe(self, batch: list[Job]) -> list[Transcript]:
-        first = batch[0]
-
         seen = [0] * len(batch)
 
         def on_window(index: int, segments: list[Segment]) -> None:
@@ -135,8 +132,7 @@ class EngineWorker:
                 job.loop.call_soon_threadsafe(job.on_window, segments)
 
         return self.transcriber.transcribe(
-            [job.audio for job in batch], [job.language for job in batch], task=first.task,
-            timestamps=first.timestamps, prompt=first.prompt, on_window=on_window,
+            [job.audio for job in batch], [job.language for job in batch], batch[0].options, on_window=on_window,
         )
 
     def _finish(self, batch: list[Job], results: list[Transcript]) -> None:

@@ -6,7 +6,7 @@ so a client learns about its mistakes one cheap check at a time and uploads are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +14,28 @@ from fastapi import UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from specasr_vllm.audio import decode_audio
-from specasr_vllm.config import OUTPUT_FORMATS
+from specasr_vllm.config import OUTPUT_FORMATS, DecodeOptions
 from specasr_vllm.errors import SpecASRError
+from specasr_vllm.formats import needs_timestamps
 from specasr_vllm.server.errors import APIError, from_engine_error
 from specasr_vllm.server.service import Service
 
 AUDIO_EXTENSIONS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "opus", "wav", "webm")
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """openai-whisper's temperature fallback settings, beyond OpenAI's fields (None: the defaults)."""
+
+    temperature_increment_on_fallback: float | None = None
+    compression_ratio_threshold: float | None = None
+    logprob_threshold: float | None = None
+    no_speech_threshold: float | None = None
+    condition_on_previous_text: bool | None = None
+    seed: int | None = None
+
+    def given(self) -> dict:
+        return {name: value for name, value in vars(self).items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -34,20 +50,24 @@ class AudioRequest:
     temperature: float
     granularities: tuple[str, ...] = ()
     stream: bool = False
+    fallback: Fallback = field(default_factory=Fallback)
 
 
-def validate(req: AudioRequest, service: Service) -> str | None:
-    """Check every field but the file; returns the language as a code (None: detect)."""
+def validate(req: AudioRequest, service: Service) -> tuple[str | None, DecodeOptions]:
+    """Check every field but the file; returns the language as a code (None: detect) and the decoding options."""
     _check_model(req.model, service.names)
     _check_format(req.response_format)
-    _check_temperature(req.temperature)
+    _check_temperature(req.temperature, req.fallback.temperature_increment_on_fallback)
     _check_stream(req.stream, req.response_format)
     _check_granularities(req.granularities, req.response_format)
     language = _language_code(req.language, service) if req.language else None
     if req.task == "translate" and not service.tokenizer.multilingual:
         raise APIError(400, f"The model '{req.model}' is English-only and cannot translate.", param="model",
                        code="unsupported_value")
-    return language
+    options = DecodeOptions(task=req.task, timestamps=needs_timestamps(req.response_format),
+                            prompt=req.prompt or None, temperature=req.temperature,
+                            word_timestamps="word" in req.granularities, **req.fallback.given())
+    return language, options
 
 
 def _check_model(model: str, names: tuple[str, ...]) -> None:
@@ -62,14 +82,13 @@ def _check_format(response_format: str) -> None:
                        param="response_format", code="invalid_value")
 
 
-def _check_temperature(temperature: float) -> None:
-    """Only 0: sampling would break the promise that speculative output equals the target's."""
+def _check_temperature(temperature: float, increment: float | None) -> None:
     if not 0.0 <= temperature <= 1.0:
         raise APIError(400, f"temperature must be between 0 and 1, got {temperature:g}.", param="temperature",
                        code="invalid_value")
-    if temperature > 0:
-        raise APIError(400, "Only temperature 0 is supported: decoding is greedy, so that speculative output is "
-                            "token-identical to the target model's.", param="temperature", code="unsupported_value")
+    if increment is not None and not 0.0 <= increment <= 1.0:
+        raise APIError(400, f"temperature_increment_on_fallback must be between 0 and 1, got {increment:g}.",
+                       param="temperature_increment_on_fallback", code="invalid_value")
 
 
 def _check_stream(stream: bool, response_format: str) -> None:
@@ -79,14 +98,11 @@ def _check_stream(stream: bool, response_format: str) -> None:
 
 
 def _check_granularities(granularities: tuple[str, ...], response_format: str) -> None:
-    """Segment timestamps come from Whisper's timestamp tokens; word timestamps are not computed."""
+    """Segment timestamps come from Whisper's timestamp tokens, word timestamps from cross-attention alignment."""
     for granularity in granularities:
         if granularity not in ("segment", "word"):
-            raise APIError(400, f"Invalid timestamp granularity '{granularity}'; use 'segment'.",
+            raise APIError(400, f"Invalid timestamp granularity '{granularity}'; use 'segment' or 'word'.",
                            param="timestamp_granularities", code="invalid_value")
-        if granularity == "word":
-            raise APIError(400, "Word timestamps are not supported; use timestamp_granularities[]=segment.",
-                           param="timestamp_granularities", code="unsupported_value")
     if granularities and response_format != "verbose_json":
         raise APIError(400, "timestamp_granularities requires response_format 'verbose_json'.",
                        param="timestamp_granularities", code="invalid_value")
