@@ -189,6 +189,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from specasr_vllm.formats import render
 
     _check_method_flags(args)
+    options = _options(args)
     transcriber = Transcriber(_config(args))
     _check_model_flags(args, transcriber.target.tokenizer.multilingual)
     if args.language:
@@ -210,9 +211,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                     bar.update(1)
             if baseline and start == 0 and audios:  # warm both up so neither pays first-call costs
                 for t in (transcriber, baseline):
-                    t.transcribe(audios[:1], **_options(args))
-            results = _timed(transcriber, audios, args, timings["method"])
-            reference = _timed(baseline, audios, args, timings["baseline"]) if baseline else results
+                    t.transcribe(audios[:1], **options)
+            results = _timed(transcriber, audios, options, timings["method"])
+            reference = _timed(baseline, audios, options, timings["baseline"]) if baseline else results
             for path, result, ref in zip(group, results, reference):
                 _emit(path, render(result, args.output_format, args.task), args, multiple=len(args.files) > 1)
                 if args.stats:
@@ -243,10 +244,10 @@ def _options(args: argparse.Namespace) -> dict:
     return {"language": args.language, "options": options}
 
 
-def _timed(transcriber, audios, args, acc: list[float]):
+def _timed(transcriber, audios, options: dict, acc: list[float]):
     """Transcribe and add (decode seconds, wall seconds) to ``acc``."""
     t0 = time.perf_counter()
-    results = transcriber.transcribe(audios, **_options(args))
+    results = transcriber.transcribe(audios, **options)
     acc[1] += time.perf_counter() - t0
     acc[0] += transcriber.totals.get("decode", 0.0)
     return results

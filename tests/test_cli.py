@@ -37,6 +37,11 @@ def test_output_formats_and_output_dir(tmp_path):
     doc = json.loads(out.stdout)
     assert doc["language"] == "english" and abs(doc["duration"] - 10.435) < 0.01 and "stew" in doc["text"]
     assert len(doc["segments"]) >= 2 and doc["segments"][0]["start"] == 0.0 and doc["segments"][0]["tokens"]
+    out = specasr("transcribe", str(SAMPLE), "--model", "whisper-tiny.en", "--output-format", "verbose_json", "--quiet",
+                  "--word-timestamps", "--temperature", "0.4", "--logprob-threshold", "none", "--seed", "7")
+    doc = json.loads(out.stdout)
+    assert [w["word"] for w in doc["words"]][:3] == ["He", "hoped", "there"] and doc["words"][-1]["end"] <= 10.5
+    assert {s["temperature"] for s in doc["segments"]} == {0.4}  # sampled, and nothing failed the checks
     out = specasr("transcribe", str(SAMPLE), "--model", "whisper-tiny.en", "--output-format", "srt", "--output-dir", str(tmp_path))
     assert out.returncode == 0
     srt = (tmp_path / f"{SAMPLE.stem}.srt").read_text()
@@ -132,6 +137,7 @@ VLLM = ["serve", "--engine", "vllm"]
          "--log-level sets vLLM's --uvicorn-log-level"),
         ([*VLLM, "--batch-size", "1", "--vllm-args=--max-num-batched-tokens=4096"],
          "--batch-size sets vLLM's --max-num-batched-tokens"),
+        (["transcribe", S, "--word-timestamps"], "--word-timestamps shows in --output-format verbose_json only"),
         (["ray-serve", "--k", "4"], "--k sets sd's fixed draft length"),
         (["ray-serve", "--method", "ar", "--no-recycling"], "--no-recycling has no effect with --method ar"),
         (["ray-serve", "--num-gpus", "1"], "--num-gpus reserves GPUs that a --device cpu engine does not use"),

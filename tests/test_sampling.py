@@ -283,3 +283,37 @@ def test_verified_position_is_distributed_as_the_target(base, tiny_en, real_wind
     assert dof >= 2
     pvalue = stats.chi2.sf(statistic, dof)
     assert pvalue > ALPHA, (statistic, dof, pvalue, len(samples), len(strata))
+
+
+@pytest.mark.real
+def test_temperature_fallback_samples_the_same_tokens_with_every_method(base, tiny_en, dev_audio):
+    """A window that fails the log-probability check is decoded again, hotter, to the schedule's end;
+    the seeded draws make ``specasr`` give AR's tokens there too, and another seed other tokens."""
+    from specasr_vllm.config import EngineConfig
+    from specasr_vllm.engine import Transcriber
+
+    audio = dev_audio["ls-1089-134686-0000"]
+    fails = {"logprob_threshold": 0.0, "temperature_increment_on_fallback": 0.5}  # every decode fails: 0, 0.5, 1.0
+    ar = Transcriber(target=base)
+    first = ar.transcribe([audio], language="en", **fails)[0]
+    assert {s.temperature for s in first.segments} == {1.0}
+    assert first.stats.output_tokens > len(first.tokens)  # the statistics count every attempt
+    spec = Transcriber(EngineConfig(method="specasr"), target=base, draft=tiny_en)
+    assert spec.transcribe([audio], language="en", **fails)[0].tokens == first.tokens
+    assert ar.transcribe([audio], language="en", seed=1, **fails)[0].tokens != first.tokens
+    greedy = ar.transcribe([audio], language="en")[0]  # the defaults: nothing fails, greedy output
+    assert {s.temperature for s in greedy.segments} == {0.0} and greedy.tokens != first.tokens
+
+
+@pytest.mark.real
+def test_silence_yields_no_text(base):
+    """openai-whisper's skip: a window likely without speech whose text is not confident is dropped
+    (without the skip, greedy decoding of this faint noise says "I'm going to put the oil in the pan.")."""
+    from specasr_vllm.engine import Transcriber
+
+    noise = np.random.default_rng(0).normal(0, 0.01, 5 * 16000).astype(np.float32)
+    transcriber = Transcriber(target=base)
+    assert transcriber.transcribe([noise], language="en")[0].segments == []
+    hallucinated = transcriber.transcribe([noise], language="en", no_speech_threshold=None,
+                                          temperature_increment_on_fallback=None)[0]
+    assert hallucinated.text and hallucinated.segments[0].no_speech_prob > 0.6

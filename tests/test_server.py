@@ -7,6 +7,7 @@ input is followed by a good request to show the server kept serving.
 from __future__ import annotations
 
 import io
+import itertools
 import signal
 import socket
 import threading
@@ -100,6 +101,18 @@ def test_every_response_format(server, sample, base_ar):
     assert verbose.text.split()[:8] == expected.split()[:8]
 
 
+def test_word_timestamps_and_sampling_options(server, sample, base_ar):
+    verbose = transcribe(server, sample, language="en", response_format="verbose_json",
+                         timestamp_granularities=["word", "segment"])
+    words = [w.word for w in verbose.words]
+    assert words == verbose.text.replace("-", " -").split() and verbose.words[0].start < 0.5
+    assert all(a.start <= b.start and a.end <= b.end for a, b in itertools.pairwise(verbose.words))
+    assert verbose.words[-1].end <= verbose.duration + 0.5
+    hot = {"temperature": 1.0, "extra_body": {"seed": 3, "logprob_threshold": -100}}
+    first, again = (transcribe(server, sample, language="en", response_format="verbose_json", **hot) for _ in range(2))
+    assert first.text == again.text and {s.temperature for s in first.segments} == {1.0}  # seeded: reproducible
+
+
 def test_language_detection_and_prompt(server, sample, base_ar):
     assert transcribe(server, sample).text == base_ar[SAMPLE_ID].text  # detected as English
     prompted = transcribe(server, sample, language="en", prompt="Stew, turnips, carrots, mutton.")
@@ -150,7 +163,7 @@ BAD_INPUTS = {  # case: (status, param, start of the message, the request)
                         lambda s, a: transcribe(s, a, temperature=3)),
     "bad_increment": (400, "temperature_increment_on_fallback", "temperature_increment_on_fallback must be between",
                       lambda s, a: transcribe(s, a, extra_body={"temperature_increment_on_fallback": -0.2})),
-    "words_need_verbose_json": (400, "timestamp_granularities", "requires response_format 'verbose_json'",
+    "words_need_verbose_json": (400, "timestamp_granularities", "timestamp_granularities requires response_format",
                                 lambda s, a: transcribe(s, a, timestamp_granularities=["word"])),
     "bad_format": (400, "response_format", "Invalid response_format 'xml'",
                    lambda s, a: _form(s, a, response_format="xml")),
