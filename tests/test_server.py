@@ -307,3 +307,62 @@ def test_specasr_serve_command(sample):
         # uvicorn shuts down gracefully on SIGTERM, then exits by that signal
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         assert "Traceback" not in proc.stdout.read()
+
+
+def test_a_chunked_upload_is_refused_while_it_streams_and_nothing_piles_up(server, sample, base_ar):
+    """No Content-Length: the limit is enforced on the bytes as they arrive, so neither memory nor the
+    spool grows with the upload (before, a 1 GB upload raised the server's memory by 1 GB)."""
+    import resource
+
+    boundary = "specasr-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--{boundary}\r\n"
+            f"Content-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode()
+    chunk = b"\0" * 2**20
+    sent = 0
+
+    def body():
+        nonlocal sent
+        yield head
+        for _ in range(400):  # 400 MB, more than the drain limit: the server stops reading early
+            sent += len(chunk)
+            yield chunk
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; the server runs in this process
+    try:
+        response = httpx.post(f"{server.url}/v1/audio/transcriptions", content=body(), timeout=60,
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["param"] == "file"
+    except httpx.TransportError:  # the server may close the connection once it stops reading
+        assert sent < 400 * 2**20
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown < 100, f"peak memory grew by {grown:.0f} MiB"
+    metrics = _metrics(server)
+    assert metrics["specasr:requests_total[('endpoint', '/v1/audio/transcriptions'), ('status', '413')]"] >= 1
+    still_serving(server, sample, base_ar[SAMPLE_ID].text)
+
+
+def test_requests_whose_clients_left_are_not_decoded(server, sample, base_ar):
+    """Clients that give up cancel their queued jobs: the engine skips them and they count as 499."""
+    before = _metrics(server)
+
+    def impatient(_):
+        try:
+            httpx.post(f"{server.url}/v1/audio/transcriptions", files={"file": ("a.flac", sample)},
+                       data={"model": "whisper-1", "language": "en"}, timeout=0.5)
+        except httpx.TimeoutException:
+            return "gave up"
+        return "answered"
+
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(impatient, range(16)))
+    assert outcomes.count("gave up") >= 8
+    time.sleep(1.0)  # the disconnects are noticed within a poll interval
+    still_serving(server, sample, base_ar[SAMPLE_ID].text)  # waits for any batch already decoding
+    after = _metrics(server)
+    gone = "specasr:requests_total[('endpoint', '/v1/audio/transcriptions'), ('status', '499')]"
+    delta = {k: after[k] - before.get(k, 0) for k in after if "requests_total" in k and after[k] != before.get(k, 0)}
+    assert after.get(gone, 0) - before.get(gone, 0) == outcomes.count("gave up"), delta
+    decoded = (after["specasr:audio_seconds_total"] - before["specasr:audio_seconds_total"]) / 10.435
+    assert decoded <= 9.5, decoded  # at most the one batch (8) that was already decoding, plus the last request

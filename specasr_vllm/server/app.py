@@ -2,8 +2,8 @@
 
 Every request is validated before it reaches the engine (model, format, temperature, language,
 size, decodability), each failure answers in OpenAI's error envelope with the field at fault, and
-the engine only ever sees decoded 16 kHz audio. Uploads are read into memory (Starlette spools big
-ones to an anonymous temporary file, which has no name on disk and is gone when closed).
+the engine only ever sees decoded 16 kHz audio. Uploads are bounded while they stream (``guard``),
+and a client that hangs up cancels its job (``routes``).
 
 The pieces: ``service`` (what every part shares), ``guard`` (API key, upload size, request metrics),
 ``validation`` (the form fields and the upload), ``routes`` (the endpoints), ``responses`` (formats and streams).

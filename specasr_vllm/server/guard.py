@@ -3,6 +3,10 @@
 This runs as middleware rather than as a route dependency so that a request without the key or with
 an oversized body is refused before FastAPI reads its multipart form, and so that every answer,
 errors and unknown paths included, reaches the request metrics.
+
+``UploadLimit`` bounds bodies while they stream: a chunked upload declares no length, and Starlette
+would otherwise spool all of it before the route could look at its size. Past the limit the app is
+told the client left, the rest of the body is read and dropped, and the client gets the 413.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from specasr_vllm.server.errors import APIError
 from specasr_vllm.server.service import Service
@@ -27,11 +32,52 @@ CallNext = Callable[[Request], Awaitable[Response]]
 
 
 def install_guard(app: FastAPI, service: Service) -> None:
-    """Add the guard to ``app`` as its HTTP middleware."""
+    """Add the guard to ``app`` as its HTTP middleware, inside the streaming upload limit."""
 
     @app.middleware("http")
     async def guard_and_count(request: Request, call_next: CallNext) -> Response:
         return await guard(request, call_next, service)
+
+    app.add_middleware(UploadLimit, max_bytes=service.max_bytes + FORM_ROOM, limit_mb=service.config.max_upload_mb)
+
+
+class UploadLimit:
+    """ASGI middleware: no ``/v1/`` request body beyond ``max_bytes`` is ever handed to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, limit_mb: float):
+        self.app, self.max_bytes, self.limit_mb = app, max_bytes, limit_mb
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        received, exceeded = 0, False
+
+        async def counted() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # the app sees a client that left; nothing more is stored
+                    exceeded = True
+                    scope.setdefault("state", {})["upload_too_large"] = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def answer(message: Message) -> None:
+            if not exceeded:
+                await send(message)
+
+        await self.app(scope, counted, answer)
+        if exceeded:
+            more = True
+            while more and received < DRAIN_LIMIT:  # read and drop, so the client can read the 413
+                message = await receive()
+                received += len(message.get("body", b""))
+                more = message["type"] == "http.request" and message.get("more_body", False)
+            await too_large(received, self.limit_mb).response()(scope, receive, send)
 
 
 async def guard(request: Request, call_next: CallNext, service: Service) -> Response:
@@ -46,8 +92,11 @@ async def guard(request: Request, call_next: CallNext, service: Service) -> Resp
     except APIError as exc:
         response = exc.response()
     except Exception:  # a bug: this request gets a 500, the server keeps serving
-        log.exception("unhandled error in %s", request.url.path)
+        if not getattr(request.state, "upload_too_large", False):
+            log.exception("unhandled error in %s", request.url.path)
         response = APIError(500, "internal server error", type="server_error").response()
+    if getattr(request.state, "upload_too_large", False):  # refused while streaming: UploadLimit sends the 413
+        response = too_large(service.max_bytes + 1, service.config.max_upload_mb).response()
     endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
     service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
     if not getattr(request.state, "streaming", False):  # a stream's latency is taken at its end

@@ -8,8 +8,9 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from specasr_vllm.engine import Transcript
 from specasr_vllm.errors import SpecASRError
-from specasr_vllm.server.errors import from_engine_error
+from specasr_vllm.server.errors import APIError, from_engine_error
 from specasr_vllm.server.responses import respond, stream_response
 from specasr_vllm.server.scheduler import Job
 from specasr_vllm.server.service import Service
@@ -82,7 +83,27 @@ async def transcribe(request: Request, req: AudioRequest, file: UploadFile, serv
         return stream_response(request, job, service)
     service.submit(job)
     try:
-        transcript = await job.future
+        transcript = await _answer_or_hang_up(request, job)
     except SpecASRError as exc:
         raise from_engine_error(exc) from exc
     return respond(transcript, req.response_format, req.task)
+
+
+async def _answer_or_hang_up(request: Request, job: Job) -> Transcript:
+    """The job's transcript, unless the client leaves first: then the job is cancelled (the engine drops
+    it unless its batch is already decoding) and the request is counted as 499, not as an answer."""
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not job.future.done():
+        job.future.cancel()
+        raise APIError(499, "The client closed the request before it was answered.", code="client_closed_request")
+    return job.future.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client hangs up (the body is read: the next ASGI message can only be that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
