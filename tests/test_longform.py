@@ -93,8 +93,9 @@ def test_long_files_match_transformers_long_form(base_ar, references, long_files
 
 
 @real
-def test_speculative_long_form_matches_transformers(base, tiny_en, references, long_files, dev_audio):
-    transcriber = Transcriber(EngineConfig(method="specasr"), target=base, draft=tiny_en)
+@pytest.mark.parametrize("method", ["sd", "specasr"])
+def test_speculative_long_form_matches_transformers(method, base, tiny_en, references, long_files, dev_audio):
+    transcriber = Transcriber(EngineConfig(method=method), target=base, draft=tiny_en)
     for language in sorted({e.language for e in long_files}):
         files = [e for e in long_files if e.language == language]
         for e, ours in zip(files, transcriber.transcribe([dev_audio[e.id] for e in files], language=language)):
