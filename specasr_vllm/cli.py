@@ -493,7 +493,8 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logprob-threshold", type=_optional_float, default=d.logprob_threshold,
                    help="a window whose average log-probability is below this fails (default: %(default)s)")
     p.add_argument("--no-speech-threshold", type=_optional_float, default=d.no_speech_threshold,
-                   help="a failed window whose no-speech probability is above this is silence (default: %(default)s)")
+                   help="a window above this no-speech probability, and not above --logprob-threshold, is silence "
+                        "(default: %(default)s)")
     p.add_argument("--condition-on-previous-text", action="store_true",
                    help="prompt each window with the text before it (more consistent, can loop)")
     p.add_argument("--word-timestamps", action="store_true", help="word start and end times (verbose_json)")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import platformdirs
 
+from specasr_vllm.errors import InvalidRequestError
+
 # --- audio (Whisper's front end; these are properties of the model family, not tunables) ---
 SAMPLE_RATE = 16_000
 N_FFT = 400
@@ -51,16 +53,32 @@ def default_manifest() -> Path:
     return speech_data_dir() / "manifest.jsonl"
 
 
+MIN_TEMPERATURE_INCREMENT = 0.05  # at most 21 decodes of one window: a request cannot buy unbounded work
+
+
+def check_temperatures(temperature: float, increment: float | None) -> None:
+    """The one rule for a fallback schedule: a temperature in [0, 1], an increment of 0 or none (no
+    fallback) or in [MIN_TEMPERATURE_INCREMENT, 1]."""
+    if not 0.0 <= temperature <= 1.0:
+        raise InvalidRequestError(f"temperature must be between 0 and 1, got {temperature:g}")
+    if increment and not MIN_TEMPERATURE_INCREMENT <= increment <= 1.0:
+        raise InvalidRequestError(f"temperature_increment_on_fallback must be 0 or between "
+                                  f"{MIN_TEMPERATURE_INCREMENT:g} and 1, got {increment:g}")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    """What one request asks of decoding, with openai-whisper's names and defaults.
+    """What one request asks of decoding: openai-whisper's names and thresholds, transformers' long-form
+    conventions (the decoding the engine is tested token-identical to).
 
     Temperature fallback: a window is decoded at ``temperature``; while its text compresses too well
     (a repetition loop) or its average log-probability is too low, it is decoded again at a
     temperature ``temperature_increment_on_fallback`` higher, up to 1.0 (``None``: never again).
     A window whose no-speech probability is above ``no_speech_threshold`` and whose log-probability is
-    low is silence: it yields no text. Sampling is seeded: the same ``seed`` gives the same text, with
-    every decoding method (see ``models/sampling.py``).
+    at most ``logprob_threshold`` is silence: it yields no text. Sampling is seeded: the same ``seed``
+    gives the same text, with every decoding method (see ``models/sampling.py``). As in transformers,
+    ``prompt`` conditions every window, ``condition_on_previous_text`` is off by default, and a window
+    decoded at 0.5 or hotter is not used as the next window's prompt.
     """
 
     task: str = "transcribe"
@@ -74,6 +92,9 @@ class DecodeOptions:
     condition_on_previous_text: bool = False  # prompt each window with the text before it (transformers' default)
     word_timestamps: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_temperatures(self.temperature, self.temperature_increment_on_fallback)
 
     def temperatures(self) -> list[float]:
         """The fallback schedule: ``temperature``, then up by the increment while at most 1.0."""

@@ -313,7 +313,22 @@ def test_silence_yields_no_text(base):
 
     noise = np.random.default_rng(0).normal(0, 0.01, 5 * 16000).astype(np.float32)
     transcriber = Transcriber(target=base)
-    assert transcriber.transcribe([noise], language="en")[0].segments == []
+    windows = []
+    assert transcriber.transcribe([noise], language="en", on_window=lambda i, s: windows.append(s))[0].segments == []
+    assert windows == [[]]  # one window, decoded once
+    assert transcriber.transcribe([np.zeros(100, np.float32)], language="en")[0].duration > 0  # under one frame
     hallucinated = transcriber.transcribe([noise], language="en", no_speech_threshold=None,
                                           temperature_increment_on_fallback=None)[0]
     assert hallucinated.text and hallucinated.segments[0].no_speech_prob > 0.6
+
+
+def test_fallback_schedules_are_bounded():
+    from specasr_vllm.config import DecodeOptions
+    from specasr_vllm.errors import InvalidRequestError
+
+    assert DecodeOptions().temperatures() == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert DecodeOptions(temperature=0.5).temperatures() == [0.5, 0.7, 0.9]  # as openai-whisper's np.arange
+    assert DecodeOptions(temperature_increment_on_fallback=None).temperatures() == [0.0]
+    for bad in ({"temperature_increment_on_fallback": 1e-9}, {"temperature": 1.5}, {"temperature": -0.1}):
+        with pytest.raises(InvalidRequestError):
+            DecodeOptions(**bad)

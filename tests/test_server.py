@@ -161,10 +161,12 @@ BAD_INPUTS = {  # case: (status, param, start of the message, the request)
                      lambda s, a: transcribe(s, a, language="klingon")),
     "bad_temperature": (400, "temperature", "temperature must be between 0 and 1, got 3.",
                         lambda s, a: transcribe(s, a, temperature=3)),
-    "bad_increment": (400, "temperature_increment_on_fallback", "temperature_increment_on_fallback must be between",
+    "bad_increment": (400, "temperature_increment_on_fallback", "temperature_increment_on_fallback must be 0 or",
                       lambda s, a: transcribe(s, a, extra_body={"temperature_increment_on_fallback": -0.2})),
     "words_need_verbose_json": (400, "timestamp_granularities", "timestamp_granularities requires response_format",
                                 lambda s, a: transcribe(s, a, timestamp_granularities=["word"])),
+    "special_token_prompt": (400, "prompt", "the prompt contains a special token's text",
+                             lambda s, a: transcribe(s, a, prompt="<|endoftext|> hello")),
     "bad_format": (400, "response_format", "Invalid response_format 'xml'",
                    lambda s, a: _form(s, a, response_format="xml")),
     "missing_file": (400, "file", "Missing required parameter: 'file'.", lambda s, a: _form(s, None)),
@@ -358,7 +360,7 @@ def test_requests_whose_clients_left_are_not_decoded(server, sample, base_ar):
     with ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(impatient, range(16)))
     assert outcomes.count("gave up") >= 8
-    time.sleep(1.0)  # the disconnects are noticed within a poll interval
+    time.sleep(1.0)  # let the server see every hang-up
     still_serving(server, sample, base_ar[SAMPLE_ID].text)  # waits for any batch already decoding
     after = _metrics(server)
     gone = "specasr:requests_total[('endpoint', '/v1/audio/transcriptions'), ('status', '499')]"
@@ -366,3 +368,34 @@ def test_requests_whose_clients_left_are_not_decoded(server, sample, base_ar):
     assert after.get(gone, 0) - before.get(gone, 0) == outcomes.count("gave up"), delta
     decoded = (after["specasr:audio_seconds_total"] - before["specasr:audio_seconds_total"]) / 10.435
     assert decoded <= 9.5, decoded  # at most the one batch (8) that was already decoding, plus the last request
+
+
+def test_upload_limit_stops_at_the_last_chunk_and_answers_413():
+    """The chunk that crosses the limit may be the body's last: nothing more is awaited from the client."""
+    import asyncio
+
+    from specasr_vllm.server.guard import UploadLimit
+
+    messages = [{"type": "http.request", "body": b"x" * 60, "more_body": True},
+                {"type": "http.request", "body": b"x" * 60, "more_body": False}]
+    sent, stored = [], []
+
+    async def receive():
+        assert messages, "the body was complete: awaiting more would hang until the client gives up"
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):  # reads like Starlette's form parser: until the body ends
+        while (message := await receive())["type"] == "http.request":
+            stored.append(message["body"])
+            if not message["more_body"]:
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    scope = {"type": "http", "path": "/v1/audio/transcriptions", "method": "POST", "headers": []}
+    asyncio.run(UploadLimit(app, max_bytes=100, limit_mb=0.0001)(scope, receive, send))
+    assert sum(map(len, stored)) == 60  # the crossing chunk never reached the app
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [413]

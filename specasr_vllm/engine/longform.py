@@ -42,8 +42,8 @@ def seek_segments(decoded: Decoded, tokenizer: WhisperTokenizer, seek: int, fram
                   duration: float) -> tuple[list[Segment], int]:
     """The segments of a window decoded at ``seek`` over ``frames`` real frames, and the frames to advance.
 
-    ``duration`` (seconds of audio) bounds the segments' end times; the tokens and the seek arithmetic
-    are the reference's.
+    ``duration`` (seconds of audio) bounds the segments' times (a timestamp may point into the padding);
+    the tokens and the seek arithmetic are the reference's.
     """
     ts = tokenizer.timestamp_begin
     tokens, logprobs = decoded.tokens, decoded.logprobs
@@ -53,8 +53,8 @@ def seek_segments(decoded: Decoded, tokenizer: WhisperTokenizer, seek: int, fram
     cuts = [i + 1 for i in range(len(tokens) - 1) if stamp[i] and stamp[i + 1]]  # second token of each pair
 
     def piece(lo: int, hi: int, start: float, end: float) -> Segment:
-        return segment(tokenizer, tokens[lo:hi], logprobs[lo:hi], offset + start, min(offset + end, duration),
-                       decoded, offset)
+        return segment(tokenizer, tokens[lo:hi], logprobs[lo:hi], min(offset + start, duration),
+                       min(offset + end, duration), decoded, offset)
 
     if not cuts:
         stamps = [t for t in tokens if t >= ts]

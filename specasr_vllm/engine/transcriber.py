@@ -190,8 +190,8 @@ class Transcriber:
         for state, (_, frames, _), dec, st in zip(batch, windows, decoded, stats):
             results[state.index].stats.merge(st)
             duration = len(state.samples) / SAMPLE_RATE
-            if self._is_silence(dec, options):
-                segments, advance = [], frames
+            if self._is_silence(dec, options):  # no text; a short audio's one window is done
+                segments, advance = [], frames if state.long else state.frames
             elif state.long:
                 segments, advance = seek_segments(dec, tok, state.seek, frames, duration)
             else:
@@ -234,7 +234,7 @@ class Transcriber:
         stats = [SpecStats() for _ in batch]
         todo = list(range(len(batch)))
         for attempt, temperature in enumerate(schedule):
-            seeds = [hash((options.seed, batch[i].seek, attempt)) & (2**63 - 1) for i in todo]
+            seeds = [(options.seed * 1_000_003 + batch[i].seek) * 31 + attempt for i in todo]  # Sampling mixes them
             sampling = Sampling(temperature, seeds) if temperature > 0 else None
             outputs, attempt_stats = self._decode(
                 [batch[i] for i in todo], [windows[i] for i in todo], features[todo], [prefixes[i] for i in todo],

@@ -94,8 +94,15 @@ class WhisperTokenizer:
         return [*start, self.sot, self.language_ids[self.language_code(language)], task_id, *end]
 
     def prompt_tokens(self, prompt: str | None) -> list[int]:
-        """A text prompt's tokens, as Whisper encodes it (with a leading space)."""
-        return self.encode(" " + prompt.strip()) if prompt else []
+        """A text prompt's tokens, as Whisper encodes it (with a leading space).
+
+        Text such as ``<|startoftranscript|>`` would become that special token and corrupt the prefix;
+        it is refused, as transformers refuses it.
+        """
+        tokens = self.encode(" " + prompt.strip()) if prompt else []
+        if any(t >= self.eot for t in tokens):
+            raise InvalidRequestError("the prompt contains a special token's text (such as <|endoftext|>); remove it")
+        return tokens
 
     def seconds(self, token: int) -> float:
         """The time a timestamp token stands for, from the start of its window."""

@@ -51,15 +51,16 @@ class UploadLimit:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        received, exceeded = 0, False
+        received, exceeded, more = 0, False, True
 
         async def counted() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, more
             if exceeded:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if received > self.max_bytes:  # the app sees a client that left; nothing more is stored
                     exceeded = True
                     scope.setdefault("state", {})["upload_too_large"] = True
@@ -72,7 +73,6 @@ class UploadLimit:
 
         await self.app(scope, counted, answer)
         if exceeded:
-            more = True
             while more and received < DRAIN_LIMIT:  # read and drop, so the client can read the 413
                 message = await receive()
                 received += len(message.get("body", b""))

@@ -105,5 +105,8 @@ async def _answer_or_hang_up(request: Request, job: Job) -> Transcript:
 
 async def _disconnect(request: Request) -> None:
     """Returns when the client hangs up (the body is read: the next ASGI message can only be that)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - a broken receive channel means the client is gone too
+        return

@@ -14,8 +14,8 @@ from fastapi import UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from specasr_vllm.audio import decode_audio
-from specasr_vllm.config import OUTPUT_FORMATS, DecodeOptions
-from specasr_vllm.errors import SpecASRError
+from specasr_vllm.config import OUTPUT_FORMATS, DecodeOptions, check_temperatures
+from specasr_vllm.errors import InvalidRequestError, SpecASRError
 from specasr_vllm.formats import needs_timestamps
 from specasr_vllm.server.errors import APIError, from_engine_error
 from specasr_vllm.server.service import Service
@@ -58,6 +58,7 @@ def validate(req: AudioRequest, service: Service) -> tuple[str | None, DecodeOpt
     _check_model(req.model, service.names)
     _check_format(req.response_format)
     _check_temperature(req.temperature, req.fallback.temperature_increment_on_fallback)
+    _check_prompt(req.prompt, service)
     _check_stream(req.stream, req.response_format)
     _check_granularities(req.granularities, req.response_format)
     language = _language_code(req.language, service) if req.language else None
@@ -83,12 +84,18 @@ def _check_format(response_format: str) -> None:
 
 
 def _check_temperature(temperature: float, increment: float | None) -> None:
-    if not 0.0 <= temperature <= 1.0:
-        raise APIError(400, f"temperature must be between 0 and 1, got {temperature:g}.", param="temperature",
-                       code="invalid_value")
-    if increment is not None and not 0.0 <= increment <= 1.0:
-        raise APIError(400, f"temperature_increment_on_fallback must be between 0 and 1, got {increment:g}.",
-                       param="temperature_increment_on_fallback", code="invalid_value")
+    try:
+        check_temperatures(temperature, increment)
+    except InvalidRequestError as exc:
+        param = "temperature" if str(exc).startswith("temperature must") else "temperature_increment_on_fallback"
+        raise APIError(400, f"{exc}.", param=param, code="invalid_value") from exc
+
+
+def _check_prompt(prompt: str | None, service: Service) -> None:
+    try:
+        service.tokenizer.prompt_tokens(prompt)
+    except SpecASRError as exc:
+        raise from_engine_error(exc, param="prompt") from exc
 
 
 def _check_stream(stream: bool, response_format: str) -> None:
