@@ -111,3 +111,25 @@ def test_speculative_timestamps_identical_to_ar(base, tiny_en, english, dev_audi
         assert [x.avg_logprob for x in s.segments] == pytest.approx([x.avg_logprob for x in a.segments], abs=1e-3)
     # the draft (a text bridge to tiny.en) drafts text only, so acceptance is lower than without timestamps
     assert sum(s.stats.accepted_tokens for s in spec) > 0.2 * sum(len(s.tokens) for s in spec)
+
+
+@real
+def test_a_closing_timestamp_is_proposed_again_before_the_drafted_text(base, tiny_en, dev_audio):
+    """tiny.en drafts text only (another vocabulary); Whisper opens a segment where the last one closed,
+    so the drafter repeats the closing timestamp and hangs its drafted text below it."""
+    from specasr_vllm.config import SpecConfig
+    from specasr_vllm.speculation import Drafter
+
+    tok, audio = base.tokenizer, dev_audio["ls-1089-134686-0000"]
+    ts = tok.timestamp_begin
+    drafter = Drafter.build(tiny_en, tok, SpecConfig())
+    drafter.start("k", "en", "transcribe", True, None, mel=log_mel_spectrogram(audio), audio=audio)
+    output = [ts, *tok.encode(" He hoped there would be stew for dinner,"), ts + 120]
+    tree = drafter.propose({"k": output}, {"k": 20})["k"]
+    assert tree.tokens[0] == ts + 120 and tree.parents[0] == -1 and len(tree) > 1
+    assert all(parent != -1 for parent in tree.parents[1:])  # every drafted token follows the repeat
+    drafter.feedback({"k": [ts + 120, tree.tokens[1], tok.eot]})
+    assert drafter.stats("k").accepted_tokens == 2
+    opened = drafter.propose({"k": [*output, ts + 120]}, {"k": 20})["k"]  # a pair is complete: text follows
+    assert opened.tokens and all(t < tok.eot for t in opened.tokens)
+    drafter.release(["k"])

@@ -55,6 +55,8 @@ class _Request:
     proposal: list[int] = field(default_factory=list)  # the last chain, for recycling
     proposal_at: int = 0  # accepted text length (bytes) when it was proposed
     chain_nodes: list[int] = field(default_factory=list)  # tree nodes of the last chain (calibration)
+    echo: bool = False  # the draft decodes no timestamps but the target does: repeat its closing ones
+    echo_node: int | None = None  # the last tree's repeated timestamp, if it has one
     last_tree: DraftTree | None = None  # what the last ``propose`` sent, awaiting ``feedback``
     passes: int = 0
     accepted: int = 0
@@ -78,6 +80,7 @@ class _Round:
     alts: list[tuple[int, float]] = field(default_factory=list)  # second choice at each chain position
     recycled: int = 0
     next: Choice | None = None  # the draft's choices after the chain (None: not computed)
+    echo: int | None = None  # a target timestamp to propose before the chain (see ``_echo``)
 
 
 class Drafter:
@@ -87,9 +90,11 @@ class Drafter:
     what the target emitted and releases requests; statistics and cost estimates live here.
     """
 
-    def __init__(self, draft: DraftModel, bridge: TokenBridge, config: SpecConfig, target_eot: int):
+    def __init__(self, draft: DraftModel, bridge: TokenBridge, config: SpecConfig, target_eot: int,
+                 target_timestamp_begin: int):
         self.draft, self.bridge, self.config = draft, bridge, config
         self._target_eot = target_eot
+        self._target_timestamp_begin = target_timestamp_begin
         self.costs = Costs()
         self.policy: ConfidencePolicy | FixedLength = (
             ConfidencePolicy(config.threshold, cap=config.max_draft, auto=config.auto_threshold, costs=self.costs)
@@ -103,7 +108,7 @@ class Drafter:
     def build(cls, draft: ASRModel, target_tokenizer: WhisperTokenizer, config: SpecConfig) -> Drafter:
         """A drafter for ``draft`` (loaded on the device it should run on) proposing in the target's vocabulary."""
         return cls(DraftModel(draft, config), make_bridge(target_tokenizer, draft.tokenizer), config,
-                   target_tokenizer.eot)
+                   target_tokenizer.eot, target_tokenizer.timestamp_begin)
 
     @property
     def device(self) -> torch.device:
@@ -121,7 +126,8 @@ class Drafter:
         if key in self.requests:
             raise ValueError(f"request {key!r} is already started")
         identity = isinstance(self.bridge, IdentityBridge)  # a text bridge carries no timestamps
-        req = _Request(prefix=draft_prefix(self._tok, language, task, timestamps and identity, prompt))
+        req = _Request(prefix=draft_prefix(self._tok, language, task, timestamps and identity, prompt),
+                       echo=timestamps and not identity)
         self.requests[key] = req
         req.enabled = draft_serves(self._tok, language, task)
         if not req.enabled:
@@ -244,7 +250,18 @@ class Drafter:
             candidates = recycle_candidates(req.proposal, pieces, matched, min(_RECYCLE_LEN, self._cap(budget)),
                                             accepted=len(text) - req.proposal_at)
         return _Round(key, req.row, budget, full[keep:], first=not new, candidates=candidates, context=new,
-                      context_bytes=len(text))
+                      context_bytes=len(text), echo=self._echo(req, output))
+
+    def _echo(self, req: _Request, output: list[int]) -> int | None:
+        """The timestamp that just closed a segment, when the draft cannot propose timestamps itself.
+
+        Whisper opens the next segment where the last one closed (``<|t|><|t|>``), so repeating the
+        closing timestamp before the drafted text usually saves the pass that would emit it alone;
+        when the target opens elsewhere, the pass still yields its own token, as without the repeat.
+        """
+        ts = self._target_timestamp_begin
+        closing = req.echo and len(output) >= 2 and output[-1] >= ts and output[-2] < self._target_eot
+        return output[-1] if closing else None
 
     def _cap(self, budget: int) -> int:
         cap = self.config.max_draft if self.config.adaptive else self.config.k
@@ -420,11 +437,16 @@ class Drafter:
         if r.recycled:
             after = r.chain[r.recycled] if r.recycled < len(r.chain) else next_tok
             recycled = len(self.bridge.to_target(r.chain[: r.recycled], r.probs[: r.recycled], after).tokens)
-        req.chain_nodes = tree.add_path(ROOT, chain.tokens[: r.budget], chain.probs[: r.budget], recycled)
+        root, room = ROOT, r.budget
+        req.echo_node = None
+        if r.echo is not None and r.budget >= 2:
+            req.echo_node = root = tree.add_path(ROOT, [r.echo])[0]
+            room -= 1
+        req.chain_nodes = tree.add_path(root, chain.tokens[:room], chain.probs[:room], recycled)
         for i, tokens, probs, nxt in branches:
             mapped = self.bridge.to_target(r.chain[:i] + tokens, r.probs[:i] + probs, nxt)
             if len(tree) + len(mapped.tokens) <= r.budget:  # the target has room for every node
-                tree.add_path(ROOT, mapped.tokens, mapped.probs)
+                tree.add_path(root, mapped.tokens, mapped.probs)
         req.proposal = [t for t in r.chain if t != self._tok.eot]
         req.proposal_at = r.context_bytes
         return tree
@@ -458,8 +480,10 @@ class Drafter:
                 st.accepted_tokens += len(acceptance.nodes)
                 st.recycled_accepted += sum(tree.recycled[i] for i in acceptance.nodes)
                 st.acceptance_lengths[len(acceptance.nodes)] += 1
-                on_chain = common_prefix(req.chain_nodes, acceptance.nodes)
-                self.policy.observe([tree.probs[i] for i in req.chain_nodes], on_chain)
+                echoed = req.echo_node is not None
+                if not echoed or acceptance.nodes[:1] == [req.echo_node]:  # else the chain was never judged
+                    drafted = acceptance.nodes[1:] if echoed else acceptance.nodes
+                    self.policy.observe([tree.probs[i] for i in req.chain_nodes], common_prefix(req.chain_nodes, drafted))
             if not req.enabled:
                 continue
             req.passes += 1
