@@ -71,7 +71,7 @@ def attention_pass(asr: ASRModel, audio_features: torch.Tensor,
         raise ValueError(f"model {asr.name!r} has no alignment_heads in its generation_config.json")
     model = asr.model
     n = max(len(s) for s in sequences)
-    tokens = torch.tensor([s + [asr.tokenizer.eot] * (n - len(s)) for s in sequences])
+    tokens = torch.tensor([s + [asr.tokenizer.eot] * (n - len(s)) for s in sequences], device=model.device)
     layers = sorted({layer for layer, _ in asr.alignment_heads})
     queries: dict[int, torch.Tensor] = {}
     hooks = [

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from specasr_vllm.config import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from specasr_vllm.engine.decoded import Decoded
-from specasr_vllm.engine.segments import Segment, segment
+from specasr_vllm.engine.segments import Segment, segment_maker
 from specasr_vllm.models.tokenizer import TIME_PRECISION, WhisperTokenizer
 
 FRAMES_PER_TIMESTAMP = round(TIME_PRECISION * SAMPLE_RATE / HOP_LENGTH)  # 2 mel frames per timestamp step
@@ -46,15 +46,16 @@ def seek_segments(decoded: Decoded, tokenizer: WhisperTokenizer, seek: int, fram
     the tokens and the seek arithmetic are the reference's.
     """
     ts = tokenizer.timestamp_begin
-    tokens, logprobs = decoded.tokens, decoded.logprobs
+    tokens = decoded.tokens
     stamp = [t >= ts for t in tokens]
     single_ending = stamp[-2:] == [False, True]
     offset = seek * SECONDS_PER_FRAME
     cuts = [i + 1 for i in range(len(tokens) - 1) if stamp[i] and stamp[i + 1]]  # second token of each pair
 
+    make = segment_maker(tokenizer, decoded, offset)
+
     def piece(lo: int, hi: int, start: float, end: float) -> Segment:
-        return segment(tokenizer, tokens[lo:hi], logprobs[lo:hi], min(offset + start, duration),
-                       min(offset + end, duration), decoded, offset)
+        return make(lo, hi, min(offset + start, duration), min(offset + end, duration))
 
     if not cuts:
         stamps = [t for t in tokens if t >= ts]

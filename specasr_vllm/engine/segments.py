@@ -8,6 +8,7 @@ numbers the temperature fallback judged the window by.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from specasr_vllm.engine.decoded import Decoded
@@ -35,12 +36,18 @@ class Segment:
     words: list = field(default_factory=list)  # ``alignment.Word``s, with word timestamps
 
 
-def segment(tokenizer: WhisperTokenizer, tokens: list[int], logprobs: list[float], start: float, end: float,
-            decoded: Decoded, window_start: float) -> Segment:
-    """A segment of ``tokens`` from a window's decode, with the window's figures."""
-    return Segment(start, end, tokenizer.decode(tokens).strip(), tokens, logprobs, decoded.no_speech_prob,
-                   window_start, decoded.temperature, decoded.avg_logprob,
-                   compression_ratio(tokenizer.decode(decoded.tokens).strip()))
+def segment_maker(tokenizer: WhisperTokenizer, decoded: Decoded,
+                  window_start: float) -> Callable[[int, int, float, float], Segment]:
+    """``make(lo, hi, start, end)``: the segment of ``decoded.tokens[lo:hi]``, with the window's figures
+    (computed once per window)."""
+    ratio = compression_ratio(tokenizer.decode(decoded.tokens).strip())
+
+    def make(lo: int, hi: int, start: float, end: float) -> Segment:
+        tokens = decoded.tokens[lo:hi]
+        return Segment(start, end, tokenizer.decode(tokens).strip(), tokens, decoded.logprobs[lo:hi],
+                       decoded.no_speech_prob, window_start, decoded.temperature, decoded.avg_logprob, ratio)
+
+    return make
 
 
 def window_segments(decoded: Decoded, tokenizer: WhisperTokenizer, start: float, end: float) -> list[Segment]:
@@ -50,23 +57,22 @@ def window_segments(decoded: Decoded, tokenizer: WhisperTokenizer, start: float,
     timestamp to its closing one; text after the last timestamp ends with the window.
     """
     ts = tokenizer.timestamp_begin
-    tokens, logprobs = decoded.tokens, decoded.logprobs
+    tokens = decoded.tokens
+    make = segment_maker(tokenizer, decoded, start)
     bounds = [i for i, t in enumerate(tokens) if t >= ts]
     if not bounds:
-        return [segment(tokenizer, tokens, logprobs, start, end, decoded, start)]
+        return [make(0, len(tokens), start, end)]
     segments = []
     open_at: int | None = None  # index of the current segment's opening timestamp
     for i in bounds:
         if open_at is not None and i > open_at + 1:  # text between two timestamps closes a segment
-            segments.append(segment(tokenizer, tokens[open_at : i + 1], logprobs[open_at : i + 1],
-                                    start + tokenizer.seconds(tokens[open_at]), start + tokenizer.seconds(tokens[i]),
-                                    decoded, start))
+            segments.append(make(open_at, i + 1, start + tokenizer.seconds(tokens[open_at]),
+                                 start + tokenizer.seconds(tokens[i])))
             open_at = None
         else:
             open_at = i
     if open_at is not None and open_at + 1 < len(tokens):  # an unclosed last segment
-        segments.append(segment(tokenizer, tokens[open_at:], logprobs[open_at:],
-                                start + tokenizer.seconds(tokens[open_at]), end, decoded, start))
+        segments.append(make(open_at, len(tokens), start + tokenizer.seconds(tokens[open_at]), end))
     for s in segments:  # timestamps may point into the padding past the audio's end
         s.end = min(s.end, end)
     return [s for s in segments if s.start < end]

@@ -144,9 +144,10 @@ class Transcriber:
         ]
         self.totals = {}  # seconds per phase over this call's batches
         results = [Transcript(text="", language="", duration=len(a) / SAMPLE_RATE) for a in audios]
+        prompt = tok.prompt_tokens(options.prompt)
         while pending := [s for s in states if not s.done]:
-            batch = self._next_batch(pending, options)
-            timings = self._decode_batch(batch, options, results, on_window)
+            batch = self._next_batch(pending, prompt, options)
+            timings = self._decode_batch(batch, prompt, options, results, on_window)
             for name, seconds in timings.items():
                 self.totals[name] = self.totals.get(name, 0.0) + seconds
                 for state in batch:
@@ -157,21 +158,21 @@ class Transcriber:
             result.language = state.language or "en"
         return results
 
-    def _context(self, state: _Audio, options: DecodeOptions) -> list[int]:
-        """The tokens a window is prompted with: the request's prompt, then (when conditioning) earlier windows'."""
-        prompt = self.target.tokenizer.prompt_tokens(options.prompt)
+    @staticmethod
+    def _context(state: _Audio, prompt: list[int], options: DecodeOptions) -> list[int]:
+        """The tokens a window is prompted with: the request's ``prompt``, then (when conditioning) earlier windows'."""
         if options.condition_on_previous_text and state.conditioned and state.history:
             return (prompt + state.history)[-MAX_PROMPT_TOKENS:]
         return prompt
 
-    def _next_batch(self, pending: list[_Audio], options: DecodeOptions) -> list[_Audio]:
+    def _next_batch(self, pending: list[_Audio], prompt: list[int], options: DecodeOptions) -> list[_Audio]:
         """The first pending audio's next window, with as many others as share its prefix's shape."""
         def shape(state: _Audio) -> tuple[bool, int]:
-            return state.long or options.timestamps, len(self._context(state, options))
+            return state.long or options.timestamps, len(self._context(state, prompt, options))
         key = shape(pending[0])
         return [s for s in pending if shape(s) == key][: self.config.batch_size]
 
-    def _decode_batch(self, batch: list[_Audio], options: DecodeOptions, results: list[Transcript],
+    def _decode_batch(self, batch: list[_Audio], prompt: list[int], options: DecodeOptions, results: list[Transcript],
                       on_window: Callable[[int, list[Segment]], None] | None) -> dict[str, float]:
         """Encode and decode one window of each audio in ``batch`` (with fallback), then move each on."""
         tok = self.target.tokenizer
@@ -183,7 +184,7 @@ class Transcriber:
             for i, code in zip(undetected, self._detect_language(features[undetected])):
                 batch[i].language = code
         timestamps = batch[0].long or options.timestamps
-        prefixes = [tok.prefix(s.language, options.task, timestamps, self._context(s, options)) for s in batch]
+        prefixes = [tok.prefix(s.language, options.task, timestamps, self._context(s, prompt, options)) for s in batch]
         timings["encode"] = time.perf_counter() - timings["encode"]
         decoded, stats = self._decode_with_fallback(batch, windows, features, prefixes, timestamps, options, timings)
         kept = []
