@@ -37,10 +37,17 @@ class Ours:
 
     kind = "ours"
 
-    def __init__(self, name: str, method: str, target: ASRModel, draft: ASRModel | None, **spec):
+    def __init__(self, name: str, method: str, target: ASRModel, draft: ASRModel | None, compile: bool = True,
+                 **spec):
         self.name, self.lossless = name, True
-        config = EngineConfig(method=method, batch_size=1, spec=SpecConfig.for_method(method, **spec))
+        config = EngineConfig(method=method, batch_size=1, compile=compile, spec=SpecConfig.for_method(method, **spec))
         self.transcriber = Transcriber(config, target=target, draft=draft if method != "ar" else None)
+
+    def warm(self) -> None:
+        """Compile every step shape a batch of one uses, so no timed file pays for compilation."""
+        model = self.transcriber.target.model
+        if hasattr(model, "warm"):
+            model.warm(rows=1)
 
     def run(self, audio: np.ndarray, language: str) -> Run:
         t0 = time.perf_counter()
@@ -49,6 +56,43 @@ class Ours:
         timing = out.timings
         return Run(out.tokens, out.text, total, timing["encode"] + timing.get("draft_encode", 0.0), timing["decode"],
                    out.stats.to_dict())
+
+
+class VLLMOffline:
+    """vLLM's offline engine (``specasr_vllm.vllm_plugin.offline``), one request at a time, in its own process.
+
+    vLLM needs its own process (and both cores), so it cannot be interleaved with the in-process methods:
+    ``prepare`` runs every file once before them, and ``run_entry`` hands back that file's result.
+    """
+
+    kind, lossless = "peer", True  # greedy whisper-base like ours: the identity check applies
+
+    def __init__(self, name: str, method: str, target: ASRModel):
+        self.name, self.method, self.model, self.tokenizer = name, method, target.name, target.tokenizer
+        self.results: dict[str, Run] = {}
+
+    def prepare(self, entries: list, manifest: str) -> None:
+        import json
+        import subprocess
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "report.json"
+            cmd = [sys.executable, "-m", "specasr_vllm.vllm_plugin.offline", "--method", self.method,
+                   "--model", self.model, "--manifest", manifest, "--sequential", "--out", str(out),
+                   "--ids", *[e.id for e in entries]]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{self.name} failed:\n{done.stderr[-3000:]}")
+            report = json.loads(out.read_text())
+        self.startup_s = report["startup_s"]
+        for e in entries:
+            tokens = [t for t in report["tokens"][e.id] if t < self.tokenizer.eot]  # text only, as ours reports it
+            self.results[e.id] = Run(tokens, self.tokenizer.decode(tokens).strip(), report["sequential_per_file_s"][e.id])
+
+    def run_entry(self, entry) -> Run:
+        return self.results[entry.id]
 
 
 class TransformersGreedy:

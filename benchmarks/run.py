@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.methods import FasterWhisper, Ours, TransformersGreedy
+from benchmarks.methods import FasterWhisper, Ours, TransformersGreedy, VLLMOffline
 from specasr_vllm.audio import decode_audio
 from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, default_manifest
 from specasr_vllm.evaluation import read_manifest, total, word_errors
@@ -41,7 +41,8 @@ SPEC_VARIANTS = {  # name -> (method, SpecConfig switches): the paper's baseline
     "specasr": ("specasr", {}),
     "specasr-concurrent": ("specasr", {"concurrent_draft": True}),
 }
-ALL = ["ar", *SPEC_VARIANTS, "transformers", "faster-whisper-int8", "faster-whisper-fp32"]
+ALL = ["ar", *SPEC_VARIANTS, "ar-eager", "specasr-eager", "transformers", "faster-whisper-int8", "faster-whisper-fp32",
+       "vllm-ar"]
 QUICK = ["ar", "sd", "specasr", "transformers", "faster-whisper-int8"]
 LONG_FORM_S = 30.0  # files longer than one window: decoded window after window from a seek point
 
@@ -56,6 +57,11 @@ def build_methods(names: list[str], model: str, draft: str, threads: int) -> tup
         elif name in SPEC_VARIANTS:
             method, switches = SPEC_VARIANTS[name]
             methods.append(Ours(name, method, target, draft_model, **switches))
+        elif name.endswith("-eager"):  # today's eager modules, beside the compiled steps every other row uses
+            method = name.removesuffix("-eager")
+            methods.append(Ours(name, method, target, draft_model if method != "ar" else None, compile=False))
+        elif name == "vllm-ar":
+            methods.append(VLLMOffline(name, "ar", target))
         elif name == "transformers":
             methods.append(TransformersGreedy(name, target))
         elif name.startswith("faster-whisper-"):
@@ -80,16 +86,22 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def measure(methods: list, entries: list, audio: dict, reps: int) -> dict[str, dict[str, list]]:
-    """``runs[method][file]``: one Run per repetition, interleaved across methods and files."""
+def measure(methods: list, entries: list, audio: dict, reps: int, manifest: str) -> dict[str, dict[str, list]]:
+    """``runs[method][file]``: one Run per repetition, interleaved across methods and files (methods in
+    their own process, vLLM, run every file first, alone on the machine)."""
     runs = {m.name: {e.id: [] for e in entries} for m in methods}
-    for m in methods:  # warm-up: first calls pay for allocation and lazy initialisation
+    for m in methods:  # warm-up: first calls pay for allocation, lazy initialisation and compilation
+        if hasattr(m, "prepare"):
+            m.prepare(entries, manifest)
+            continue
+        if hasattr(m, "warm"):
+            m.warm()
         m.run(audio[entries[0].id], entries[0].language)
     order = list(methods)
     for rep in range(reps):
         for i, e in enumerate(entries):
             for m in order:
-                runs[m.name][e.id].append(m.run(audio[e.id], e.language))
+                runs[m.name][e.id].append(m.run_entry(e) if hasattr(m, "run_entry") else m.run(audio[e.id], e.language))
             order = order[1:] + order[:1]
             print(f"\rrep {rep + 1}/{reps} file {i + 1}/{len(entries)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     audio = {e.id: decode_audio(e.audio) for e in entries + long_entries}
     methods, skipped = build_methods(names, args.model, args.draft, args.threads)
     started = time.time()
-    runs = measure(methods, entries + long_entries, audio, 1 if args.quick else args.reps)
+    runs = measure(methods, entries + long_entries, audio, 1 if args.quick else args.reps, args.manifest)
     summary = summarise(methods, entries, runs)
     long_summary = summarise(methods, long_entries, runs) if long_entries else None
     run = args.name or datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")

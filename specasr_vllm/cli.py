@@ -44,6 +44,7 @@ LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 # serve flags the vLLM engine has no counterpart for, each with what to do instead
 VLLM_UNSUPPORTED = {
     "--threads": ("threads", "vLLM's CPU build binds its threads with VLLM_CPU_OMP_THREADS_BIND (e.g. 0-3)"),
+    "--eager": ("eager", "pass vLLM's own --enforce-eager in --vllm-args"),
     "--device": ("device", "the vLLM build installed (vllm-cpu or vllm) decides the device"),
     "--dtype": ("dtype", "pass vLLM's own --dtype in --vllm-args"),
     "--no-tree": ("no_tree", "vLLM 0.32 has no tree attention, so it always verifies one chain per request"),
@@ -76,6 +77,8 @@ def _engine_args(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help=f"30 s windows decoded together (default: {EngineConfig.batch_size})")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--eager", action="store_true",
+                   help="run the eager modules instead of compiled steps (no compile time; slower decoding)")
     p.add_argument("--device", default=None, help=f"torch device (default: {EngineConfig.device})")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help=f"weights and activations of both models (default: {EngineConfig.dtype})")
@@ -176,7 +179,7 @@ def _config(args: argparse.Namespace, method: str | None = None) -> EngineConfig
     method = method or args.method
     return EngineConfig(model=args.model, draft=args.draft or DEFAULT_DRAFT, method=method,
                         batch_size=args.batch_size or EngineConfig.batch_size, threads=args.threads,
-                        device=_device(args), dtype=args.dtype or EngineConfig.dtype,
+                        compile=not args.eager and EngineConfig().compile, device=_device(args), dtype=args.dtype or EngineConfig.dtype,
                         spec=SpecConfig.for_method(method, **_spec_switches(args, method)))
 
 
@@ -423,6 +426,8 @@ def _ray_builder_args(args: argparse.Namespace) -> dict[str, str]:
     for name in ("batch_size", "threads", "device", "dtype", "api_key"):
         if _given(args, name):
             builder[name] = getattr(args, name)
+    if args.eager:
+        builder["compile"] = False
     num_gpus = args.num_gpus if args.num_gpus is not None else (1 if _device(args).startswith("cuda") else None)
     if num_gpus is not None:
         builder["num_gpus"] = num_gpus

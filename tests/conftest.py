@@ -85,6 +85,9 @@ def tiny_en_dir() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on a network
+    # engines (and CLI subprocesses) run eager unless a test asks for compiled steps (tests/test_compiled.py):
+    # compiling each engine's shapes would cost more than the tests decode
+    os.environ["SPECASR_EAGER"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,7 @@ def attention_pass(asr: ASRModel, audio_features: torch.Tensor,
     """
     if not asr.alignment_heads:
         raise ValueError(f"model {asr.name!r} has no alignment_heads in its generation_config.json")
-    model = asr.model
+    model = asr.model.eager  # forward hooks need the eager modules
     n = max(len(s) for s in sequences)
     tokens = torch.tensor([s + [asr.tokenizer.eot] * (n - len(s)) for s in sequences], device=model.device)
     layers = sorted({layer for layer, _ in asr.alignment_heads})
@@ -89,7 +89,7 @@ def attention_pass(asr: ASRModel, audio_features: torch.Tensor,
     for layer, head in asr.alignment_heads:
         attn = model.decoder.layers[layer].encoder_attn
         q = attn.split(queries[layer].float() * attn.head_dim**-0.5)[:, head]  # scaled first, as transformers
-        k = cache.cross_k[layer, : len(sequences), head].float()
+        k = cache.cross_k[layer][: len(sequences), head].float()
         scores.append(q @ k.transpose(1, 2))
     return logits, torch.stack(scores, dim=1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from specasr_vllm.engine.longform import is_long, seek_segments, window_features
 from specasr_vllm.engine.segments import Segment, compression_ratio, window_segments
 from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.errors import InvalidRequestError
+from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
 from specasr_vllm.models.sampling import Sampling
@@ -98,6 +100,8 @@ class Transcriber:
             torch.set_num_threads(self.config.threads)
         dtype = getattr(torch, self.config.dtype)
         self.target = target or load_model(self.config.model, self.config.device, dtype)
+        if self.config.compile and not isinstance(self.target.model, CompiledWhisper):  # the caller's stays eager
+            self.target = dataclasses.replace(self.target, model=CompiledWhisper(self.target.model))
         self.rules = WhisperRules(self.target)
         self.totals: dict[str, float] = {}
         self.cache = self.target.model.empty_cache(self.config.batch_size)  # rows reused batch after batch

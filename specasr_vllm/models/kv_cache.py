@@ -24,7 +24,10 @@ import torch
 
 
 class DecoderCache:
-    """Self K/V: (layers, rows, heads, capacity, head_dim); cross K/V: (layers, rows, heads, frames, head_dim).
+    """Per layer, self K/V: (rows, heads, capacity, head_dim); cross K/V: (rows, heads, frames, head_dim).
+
+    One tensor per layer rather than one stacked tensor: a compiled step that writes into slices of a
+    stacked tensor makes the compiler copy the whole of it on every call.
 
     ``frames`` grows to the longest audio a row has claimed; each row remembers how many of them hold
     its audio (rows encoded over fewer frames, e.g. the draft's unpadded encoder, are masked).
@@ -32,11 +35,11 @@ class DecoderCache:
 
     def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, rows: int,
                  device: torch.device, dtype: torch.dtype):
-        shape = (layers, rows, heads, capacity, head_dim)
-        self.self_k = torch.zeros(shape, device=device, dtype=dtype)
-        self.self_v = torch.zeros(shape, device=device, dtype=dtype)
-        self.cross_k = torch.zeros((layers, rows, heads, 0, head_dim), device=device, dtype=dtype)
-        self.cross_v = torch.zeros_like(self.cross_k)
+        def per_layer(slots: int) -> list[torch.Tensor]:
+            return [torch.zeros((rows, heads, slots, head_dim), device=device, dtype=dtype) for _ in range(layers)]
+
+        self.self_k, self.self_v = per_layer(capacity), per_layer(capacity)
+        self.cross_k, self.cross_v = per_layer(0), per_layer(0)
         self._lengths = [0] * rows
         self._frames = [0] * rows  # audio frames each row holds in cross_k / cross_v
         self._free = list(range(rows))  # a heap: the lowest free row is taken first
@@ -44,15 +47,19 @@ class DecoderCache:
     # ---- shape ---------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        return self.self_k.shape[3]
+        return self.self_k[0].shape[2]
 
     @property
     def rows(self) -> int:
-        return self.self_k.shape[1]
+        return self.self_k[0].shape[0]
 
     @property
     def device(self) -> torch.device:
-        return self.self_k.device
+        return self.self_k[0].device
+
+    @property
+    def layers(self) -> int:
+        return len(self.self_k)
 
     # ---- rows --------------------------------------------------------------------------------------------
     def claim(self, cross_k: torch.Tensor, cross_v: torch.Tensor) -> list[int]:
@@ -60,12 +67,13 @@ class DecoderCache:
         n, frames = cross_k.shape[1], cross_k.shape[3]
         while len(self._free) < n:
             self._grow_rows()
-        if frames > self.cross_k.shape[3]:
+        if frames > self.cross_k[0].shape[2]:
             self._grow_frames(frames)
         rows = [heapq.heappop(self._free) for _ in range(n)]
         idx = torch.tensor(rows, device=self.device)
-        self.cross_k[:, idx, :, :frames] = cross_k.to(self.cross_k.dtype)
-        self.cross_v[:, idx, :, :frames] = cross_v.to(self.cross_v.dtype)
+        for layer in range(self.layers):
+            self.cross_k[layer][idx, :, :frames] = cross_k[layer].to(self.cross_k[layer].dtype)
+            self.cross_v[layer][idx, :, :frames] = cross_v[layer].to(self.cross_v[layer].dtype)
         for row in rows:
             self._lengths[row], self._frames[row] = 0, frames
         return rows
@@ -77,6 +85,11 @@ class DecoderCache:
                 raise ValueError(f"row {row} is not in use")
             self._lengths[row], self._frames[row] = 0, 0
             heapq.heappush(self._free, row)
+
+    def is_free(self, rows) -> bool:
+        """Whether none of ``rows`` is claimed (a compiled step may pad its batch with such rows)."""
+        free = set(self._free)
+        return all(row in free for row in rows)
 
     def compact(self, rows: list[int]) -> list[int]:
         """Move the live ``rows`` to the front (rows ``0 .. len(rows) - 1``); returns each one's new row.
@@ -104,10 +117,11 @@ class DecoderCache:
 
     def _copy(self, src: int, dst: int, used: int) -> None:
         frames = self._frames[src]
-        self.self_k[:, dst, :, :used] = self.self_k[:, src, :, :used]
-        self.self_v[:, dst, :, :used] = self.self_v[:, src, :, :used]
-        self.cross_k[:, dst, :, :frames] = self.cross_k[:, src, :, :frames]
-        self.cross_v[:, dst, :, :frames] = self.cross_v[:, src, :, :frames]
+        for layer in range(self.layers):
+            self.self_k[layer][dst, :, :used] = self.self_k[layer][src, :, :used]
+            self.self_v[layer][dst, :, :used] = self.self_v[layer][src, :, :used]
+            self.cross_k[layer][dst, :, :frames] = self.cross_k[layer][src, :, :frames]
+            self.cross_v[layer][dst, :, :frames] = self.cross_v[layer][src, :, :frames]
         self._lengths[dst], self._frames[dst] = used, frames
 
     def _move(self, src: int, dst: int) -> None:
@@ -122,8 +136,7 @@ class DecoderCache:
         old = self.rows
         grow = max(old, 1)
         for name in ("self_k", "self_v", "cross_k", "cross_v"):
-            t = getattr(self, name)
-            setattr(self, name, torch.cat([t, t.new_zeros((t.shape[0], grow, *t.shape[2:]))], dim=1))
+            setattr(self, name, [torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for t in getattr(self, name)])
         self._lengths += [0] * grow
         self._frames += [0] * grow
         for row in range(old, old + grow):
@@ -131,9 +144,8 @@ class DecoderCache:
 
     def _grow_frames(self, frames: int) -> None:
         for name in ("cross_k", "cross_v"):
-            t = getattr(self, name)
-            pad = t.new_zeros((*t.shape[:3], frames - t.shape[3], t.shape[4]))
-            setattr(self, name, torch.cat([t, pad], dim=3))
+            setattr(self, name, [torch.cat([t, t.new_zeros((*t.shape[:2], frames - t.shape[2], t.shape[3]))], dim=2)
+                                 for t in getattr(self, name)])
 
     # ---- lengths -----------------------------------------------------------------------------------------
     def length(self, row: int) -> int:
@@ -160,8 +172,9 @@ class DecoderCache:
         """
         if offsets != list(range(len(offsets))):
             src = torch.tensor(offsets, device=self.device) + start
-            self.self_k[:, row, :, start : start + len(offsets)] = self.self_k[:, row, :, src]
-            self.self_v[:, row, :, start : start + len(offsets)] = self.self_v[:, row, :, src]
+            for layer in range(self.layers):
+                self.self_k[layer][row, :, start : start + len(offsets)] = self.self_k[layer][row, :, src]
+                self.self_v[layer][row, :, start : start + len(offsets)] = self.self_v[layer][row, :, src]
         self.set_length(row, start + len(offsets))
 
     # ---- what a decode call reads --------------------------------------------------------------------------
@@ -177,7 +190,7 @@ class DecoderCache:
         index = torch.tensor(rows, device=self.device)  # one index per call, for every layer's writes
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         read = slice(rows[0], rows[0] + len(rows)) if contiguous else index
-        frames = self.cross_k.shape[3] if fixed else max(self.frames(rows))
+        frames = self.cross_k[0].shape[2] if fixed else max(self.frames(rows))
         return RowView(self, read, index, frames)
 
 
@@ -190,13 +203,13 @@ class RowView:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store (batch, heads, n, head_dim) keys/values at each row's ``slots`` (batch, n)."""
-        self.cache.self_k[layer, self._rows, :, slots] = k.transpose(1, 2)
-        self.cache.self_v[layer, self._rows, :, slots] = v.transpose(1, 2)
+        self.cache.self_k[layer][self._rows, :, slots] = k.transpose(1, 2)
+        self.cache.self_v[layer][self._rows, :, slots] = v.transpose(1, 2)
 
     def self_kv(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.self_k[layer, self.index, :, :span], self.cache.self_v[layer, self.index, :, :span]
+        return self.cache.self_k[layer][self.index, :, :span], self.cache.self_v[layer][self.index, :, :span]
 
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.cache.cross_k[layer, self.index, :, : self.frames],
-                self.cache.cross_v[layer, self.index, :, : self.frames])
+        return (self.cache.cross_k[layer][self.index, :, : self.frames],
+                self.cache.cross_v[layer][self.index, :, : self.frames])
 

@@ -90,7 +90,7 @@ class DecoderLayer(nn.Module):
         self.fc1, self.fc2 = nn.Linear(d_model, ffn), nn.Linear(ffn, d_model)
         self.final_layer_norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, layer: int, view: RowView, slots: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, layer: int, view: RowView | FixedView, slots: torch.Tensor, mask: torch.Tensor,
                 span: int, audio_mask: torch.Tensor | None) -> torch.Tensor:
         a = self.self_attn
         h = self.self_attn_layer_norm(x)
@@ -99,6 +99,65 @@ class DecoderLayer(nn.Module):
         c = self.encoder_attn
         x = x + c.attend(c.q_proj(self.encoder_attn_layer_norm(x)), *view.cross_kv(layer), audio_mask)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+@dataclass
+class StepInputs:
+    """What one decode call needs besides the tokens, all on the model's device."""
+
+    positions: torch.Tensor  # (batch, n) position embedding of each new token
+    slots: torch.Tensor  # (batch, n) cache slot each new token's K/V is written to
+    mask: torch.Tensor  # (batch, 1, n, span) which cached or new slots each new token sees
+    audio_mask: torch.Tensor | None  # (batch, 1, 1, frames) which audio frames each row holds, or None: all
+    span: int  # self-attention slots read
+
+
+def step_inputs(starts: list[int], n: int, tree_mask: torch.Tensor | None, depths: torch.Tensor | None,
+                span: int, audio: list[int] | None, frames: int, device: torch.device) -> StepInputs:
+    """Positions, slots and masks for ``n`` new tokens per row after each row's ``starts`` cached tokens.
+
+    ``tree_mask[b, i, j]`` (default causal) says whether new token ``i`` sees new token ``j``;
+    ``depths[b, i]`` (default ``i``) is its distance from the cached prefix. ``audio`` (optional) is
+    how many of the ``frames`` audio frames each row holds.
+    """
+    batch = len(starts)
+    start = torch.tensor(starts, device=device)
+    new = torch.arange(n, device=device)
+    depths = new.expand(batch, n) if depths is None else depths.to(device, non_blocking=True)
+    if tree_mask is None:
+        tree_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, n, n)
+    else:
+        tree_mask = tree_mask.to(device, non_blocking=True)
+    # key slot s is visible to new token i of row b if it is cached (s < start) or a visible new token
+    slot = torch.arange(span, device=device)
+    cached = slot[None, None, :] < start[:, None, None]
+    rel = (slot[None, :] - start[:, None]).clamp(0, n - 1)  # (batch, span)
+    in_new = (slot[None, :] >= start[:, None]) & (slot[None, :] < start[:, None] + n)
+    new_visible = torch.gather(tree_mask, 2, rel[:, None, :].expand(batch, n, span)) & in_new[:, None, :]
+    audio_mask = None
+    if audio is not None:
+        held = torch.tensor(audio, device=device)
+        audio_mask = (torch.arange(frames, device=device)[None, :] < held[:, None])[:, None, None, :]
+    return StepInputs(start[:, None] + depths, start[:, None] + new, (cached | new_visible)[:, None], audio_mask, span)
+
+
+class FixedView:
+    """A decode step's cache as plain per-layer tensors of its rows (what a compiled step reads and writes)."""
+
+    def __init__(self, self_k: list[torch.Tensor], self_v: list[torch.Tensor], cross_k: list[torch.Tensor],
+                 cross_v: list[torch.Tensor]):
+        self.self_k, self.self_v, self.cross_k, self.cross_v = self_k, self_v, cross_k, cross_v
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        self.self_k[layer][rows, :, slots] = k.transpose(1, 2)
+        self.self_v[layer][rows, :, slots] = v.transpose(1, 2)
+
+    def self_kv(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.self_k[layer][:, :, :span], self.self_v[layer][:, :, :span]
+
+    def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_k[layer], self.cross_v[layer]
 
 
 class Encoder(nn.Module):
@@ -145,6 +204,11 @@ class Whisper(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.decoder.embed_tokens.weight.device
+
+    @property
+    def eager(self) -> Whisper:
+        """The module itself (a compiled wrapper returns the module it wraps): for code that hooks into layers."""
+        return self
 
     @torch.no_grad()
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
@@ -202,31 +266,18 @@ class Whisper(nn.Module):
             raise ValueError(f"decoder positions exceed {cache.capacity}")
         span = cache.capacity if fixed else max(starts) + n
         view = cache.view(rows, fixed)
-        tokens = tokens.to(dev, non_blocking=True)
-        start = torch.tensor(starts, device=dev)
-        new = torch.arange(n, device=dev)
-        depths = new.expand(batch, n) if depths is None else depths.to(dev, non_blocking=True)
-        if tree_mask is None:
-            tree_mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril().expand(batch, n, n)
-        else:
-            tree_mask = tree_mask.to(dev, non_blocking=True)
-        # key slot s is visible to new token i of row b if it is cached (s < start) or a visible new token
-        slot = torch.arange(span, device=dev)
-        cached = slot[None, None, :] < start[:, None, None]
-        rel = (slot[None, :] - start[:, None]).clamp(0, n - 1)  # (batch, span)
-        in_new = (slot[None, :] >= start[:, None]) & (slot[None, :] < start[:, None] + n)
-        new_visible = torch.gather(tree_mask, 2, rel[:, None, :].expand(batch, n, span)) & in_new[:, None, :]
-        mask = (cached | new_visible)[:, None]  # (batch, 1, n, span)
-        audio_mask = None
         frames = cache.frames(rows)
-        if fixed or min(frames) < view.frames:  # some rows hold fewer audio frames than the view reads
-            audio = torch.tensor(frames, device=dev)
-            audio_mask = (torch.arange(view.frames, device=dev)[None, :] < audio[:, None])[:, None, None, :]
-
-        slots = start[:, None] + new
-        x = self.decoder.embed_tokens(tokens) + self.decoder.embed_positions(start[:, None] + depths)
-        for i, layer in enumerate(self.decoder.layers):
-            x = layer(x, i, view, slots, mask, span, audio_mask)
+        audio = frames if fixed or min(frames) < view.frames else None  # some rows hold fewer frames than read
+        step = step_inputs(starts, n, tree_mask, depths, span, audio, view.frames, dev)
+        logits = self.run_decoder(tokens.to(dev, non_blocking=True), step, view, head)
         cache.advance(rows, n)
+        return logits
+
+    def run_decoder(self, tokens: torch.Tensor, step: StepInputs, view: RowView | FixedView,
+                    head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The decoder proper: embeddings, layers (reading and writing ``view``), final norm, projection."""
+        x = self.decoder.embed_tokens(tokens) + self.decoder.embed_positions(step.positions)
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, i, view, step.slots, step.mask, step.span, step.audio_mask)
         x = self.decoder.layer_norm(x)
         return head(x) if head is not None else x @ self.decoder.embed_tokens.weight.T

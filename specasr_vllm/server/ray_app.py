@@ -59,7 +59,7 @@ def _flag(value: str | bool) -> bool:
 
 
 _ENGINE_ARGS = {"model": str, "draft": str, "method": str, "threads": int, "batch_size": int, "device": str,
-                "dtype": str}
+                "dtype": str, "compile": _flag}
 _SPEC_ARGS = {"k": int, "adaptive": _flag, "recycling": _flag, "tree": _flag, "concurrent_draft": _flag}
 _SERVER_ARGS = {"api_key": str, "served_model_name": str, "max_upload_mb": float, "max_audio_seconds": float,
                 "max_queue": int}
@@ -102,7 +102,8 @@ def parse_args(args: dict[str, str]) -> tuple[dict, dict, dict]:
 def app_builder(args: dict[str, str]) -> Application:
     """Serve's application builder: ``serve run specasr_vllm.server.ray_app:app_builder model=whisper-base``.
 
-    Accepts the engine's ``model``, ``draft``, ``method``, ``threads``, ``batch_size``, ``device``, ``dtype``; its
+    Accepts the engine's ``model``, ``draft``, ``method``, ``threads``, ``batch_size``, ``device``, ``dtype``,
+    ``compile``; its
     SpecConfig switches ``k``, ``adaptive``, ``recycling``, ``tree``, ``concurrent_draft``; the server's
     ``api_key``, ``served_model_name``, ``max_upload_mb``, ``max_audio_seconds``, ``max_queue``; and the
     deployment's ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ``num_cpus``, ``num_gpus``

@@ -10,7 +10,7 @@ the tests and ``benchmarks/vllm_run.py`` start one such process per method. Ever
 V1 model runner (``launch.variables``: ``VLLM_USE_V2_MODEL_RUNNER=0``), where the plugin applies
 Whisper's suppression, so ``ar`` is "vLLM alone" with Whisper's rules on any machine. The report holds
 the tokens per entry, seconds with every request submitted at once (``batched``) and, with
-``--sequential``, one request at a time, vLLM's ``spec_decode`` counters, the proposer's own, and
+``--sequential``, one request at a time (in all and per entry), vLLM's ``spec_decode`` counters, the proposer's own, and
 which model runner ran (``runner``: its class, whether the hooks wrap it, whether suppression was on).
 """
 
@@ -85,9 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     report["batched_s"] = time.perf_counter() - t0
     report["tokens"] = {e.id: list(o.outputs[0].token_ids) for e, o in zip(entries, outputs)}
     if args.sequential:
-        t0 = time.perf_counter()
-        sequential = [llm.generate([prompt], params, use_tqdm=False)[0] for prompt in prompts]
-        report["sequential_s"] = time.perf_counter() - t0
+        sequential, seconds = [], {}
+        for e, prompt in zip(entries, prompts):
+            t0 = time.perf_counter()
+            sequential.append(llm.generate([prompt], params, use_tqdm=False)[0])
+            seconds[e.id] = time.perf_counter() - t0
+        report["sequential_s"] = sum(seconds.values())
+        report["sequential_per_file_s"] = seconds
         report["sequential_identical"] = all(
             list(o.outputs[0].token_ids) == report["tokens"][e.id] for e, o in zip(entries, sequential))
     report["runner"] = llm.collective_rpc(_runner_facts)[0]

@@ -1,0 +1,131 @@
+"""Compiled fixed-shape steps (models/compiled.py) against the eager modules, and the decoding they make.
+
+What is guaranteed is the argmax: compiled and eager kernels round differently (logits agree to ~1e-4),
+and a one-token step and a many-token verification pass are different compiled graphs. So the model
+tests compare logits within a tolerance and argmax exactly, and the dev-file test checks that AR with
+compiled one-token steps and SpecASR with compiled verification passes emit the same tokens as eager AR.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_random_hf_dir
+from test_cli import S, parse
+
+from specasr_vllm import cli
+from specasr_vllm.config import EngineConfig
+from specasr_vllm.engine import Transcriber
+from specasr_vllm.models.compiled import ROW_BUCKETS, WIDTH_BUCKETS, CompiledWhisper, bucket
+from specasr_vllm.models.loading import load_whisper
+from specasr_vllm.server.ray_app import parse_args
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, base_dir):
+    """A small random Whisper (head size 32), eager and compiled, and a random audio encoding."""
+    eager = load_whisper(make_random_hf_dir(tmp_path_factory.mktemp("rand"), base_dir, d_model=64, heads=2))
+    torch.manual_seed(3)
+    return eager, CompiledWhisper(eager), eager.encode(torch.randn(4, eager.dims.n_mels, 3000))
+
+
+def _caches(eager, features, rows: int, claimed: int):
+    """The same cache twice: ``rows`` rows, the first ``claimed`` holding ``features``."""
+    out = []
+    for _ in range(2):
+        cache = eager.empty_cache(rows)
+        cache.claim(*eager.cross_kv(features[:claimed]))
+        out.append(cache)
+    return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert (a - b).abs().max() < TOL
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_buckets():
+    assert [bucket(n, WIDTH_BUCKETS) for n in (1, 3, 8, 9, 32, 33)] == [1, 4, 8, 16, 32, None]
+    assert bucket(5, ROW_BUCKETS) == 8
+
+
+def test_padded_rows_and_tokens_decode_like_eager(pair):
+    """3 rows padded to 4 (a free row), 5 then 1 tokens padded to 8 and 1: same logits, lengths, cache use."""
+    eager, compiled, features = pair
+    ref, cache = _caches(eager, features, rows=4, claimed=3)
+    tokens = torch.randint(0, 50000, (3, 6))
+    before = compiled.eager_calls
+    _close(compiled.decode(tokens[:, :5], cache, [0, 1, 2]), eager.decode(tokens[:, :5], ref, [0, 1, 2]))
+    cache.set_length(1, 3)  # a row that accepted less
+    ref.set_length(1, 3)
+    _close(compiled.decode(tokens[:, 5:], cache, [0, 1, 2]), eager.decode(tokens[:, 5:], ref, [0, 1, 2]))
+    assert cache.lengths([0, 1, 2]) == ref.lengths([0, 1, 2]) == [6, 4, 6]
+    assert compiled.eager_calls == before and {(4, 8, 1500), (4, 1, 1500)} <= set(compiled.compiled)
+    # what the compiled steps wrote is what the eager module reads next (and vice versa)
+    _close(eager.decode(tokens[:, :1], cache, [0, 1, 2]), eager.decode(tokens[:, :1], ref, [0, 1, 2]))
+
+
+def test_a_tree_in_a_block_of_rows_behind_a_live_row(pair):
+    """A tree pass over row 1 (row 0 live, row 2 free) equals eager and leaves row 0 untouched."""
+    eager, compiled, features = pair
+    ref, cache = _caches(eager, features, rows=3, claimed=2)
+    prefix = torch.randint(0, 50000, (2, 3))
+    for c in (ref, cache):
+        eager.decode(prefix, c)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)[None]
+    depths = torch.tensor([[0, 1, 1, 2]])
+    tree = torch.tensor([[11, 22, 33, 44]])
+    _close(compiled.decode(tree, cache, [1], mask, depths), eager.decode(tree, ref, [1], mask, depths))
+    assert (1, 4, 1500) in compiled.compiled
+    for c in (ref, cache):
+        c.keep(1, 3, [0, 2])
+    _close(eager.decode(torch.tensor([[55], [66]]), cache), eager.decode(torch.tensor([[55], [66]]), ref))
+
+
+def test_calls_no_bucket_fits_run_eager(pair):
+    eager, compiled, features = pair
+    ref, cache = _caches(eager, features, rows=4, claimed=4)
+    before = compiled.eager_calls
+    tokens = torch.randint(0, 50000, (3, 2))
+    _close(compiled.decode(tokens[:2], cache, [2, 0]), eager.decode(tokens[:2], ref, [2, 0]))  # scattered rows
+    # 3 rows would be padded with row 3, which is live
+    _close(compiled.decode(tokens, cache, [0, 1, 2]), eager.decode(tokens, ref, [0, 1, 2]))
+    long = torch.randint(0, 50000, (1, 33))  # wider than any bucket
+    _close(compiled.decode(long, cache, [1]), eager.decode(long, ref, [1]))
+    assert compiled.eager_calls == before + 3
+
+
+def test_compiled_encoder_matches_eager(pair):
+    eager, compiled, _ = pair
+    mel = torch.randn(2, eager.dims.n_mels, 3000)
+    out = compiled.encode(mel)
+    assert out.shape == (2, 1500, eager.dims.d_model) and (out - eager.encode(mel)).abs().max() < TOL
+    assert ("encoder",) in compiled.compiled
+
+
+def test_eager_flag_and_setting():
+    assert not cli._config(parse("transcribe", S, "--eager")).compile
+    engine, _, _ = parse_args(cli._ray_builder_args(parse("ray-serve", "--eager")))
+    assert engine["compile"] is False
+
+
+def test_compiled_ar_and_specasr_emit_eager_ar_tokens_on_dev_files(base, tiny_en, manifest, dev_audio):
+    """The product's promise with compiled steps, on real speech: AR (one-token steps) and SpecASR
+    (verification passes of many widths) pick the same tokens as each other and as eager AR."""
+    entries = [e for e in manifest if e.language == "en" and e.duration <= 30][:3]
+    audios = [dev_audio[e.id] for e in entries]
+    eager = Transcriber(EngineConfig(method="ar", batch_size=1, compile=False), target=base)
+    ar = Transcriber(EngineConfig(method="ar", batch_size=1, compile=True), target=base)
+    # the same compiled model for both (it is not wrapped twice): each step shape is compiled once
+    spec = Transcriber(EngineConfig(method="specasr", batch_size=1, compile=True), target=ar.target, draft=tiny_en)
+    assert spec.target.model is ar.target.model
+    reference = [t.tokens for t in eager.transcribe(audios, language="en")]
+    assert [t.tokens for t in ar.transcribe(audios, language="en")] == reference
+    out = spec.transcribe(audios, language="en")
+    assert [t.tokens for t in out] == reference
+    assert sum(t.stats.accepted_tokens for t in out) > 0  # drafts were verified, not skipped
+    model = ar.target.model
+    assert model.eager_calls == 0  # every target call of both methods ran a compiled step
+    assert any(key[1] >= 8 for key in model.compiled if len(key) == 3)  # long chains were verified compiled
