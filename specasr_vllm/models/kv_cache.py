@@ -86,11 +86,6 @@ class DecoderCache:
             self._lengths[row], self._frames[row] = 0, 0
             heapq.heappush(self._free, row)
 
-    def is_free(self, rows) -> bool:
-        """Whether none of ``rows`` is claimed (a compiled step may pad its batch with such rows)."""
-        free = set(self._free)
-        return all(row in free for row in rows)
-
     def compact(self, rows: list[int]) -> list[int]:
         """Move the live ``rows`` to the front (rows ``0 .. len(rows) - 1``); returns each one's new row.
 
