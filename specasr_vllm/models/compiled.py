@@ -11,8 +11,8 @@ so its shapes depend only on its rows and new tokens, and reads a contiguous blo
 views (``DecoderCache.compact`` keeps a batch's rows at the front). Two compiled graphs serve every
 call: one row and one token with static shapes (AR at batch 1, where inductor's GEMV template is
 fastest), and every other shape with dynamic rows and tokens (verification passes, batches,
-prefixes). Dynamo specialises sizes of 1 and the first size it sees, so the dynamic function ends up
-with a few graphs (see ``warm``); each costs 10-30 s to compile on this CPU. The C++ kernels and
+prefixes). Dynamo specialises sizes of 1, so the dynamic function ends up with three graphs (see
+``warm``); each costs 10-30 s to compile on this CPU. The C++ kernels and
 autotuning results are kept on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under the project's
 cache), so a second start skips the C++ build and the benchmarks, though inductor re-lowers each frozen
 graph (it does not cache graphs whose weights are packed oneDNN tensors). Calls with a custom head (the
@@ -98,18 +98,19 @@ class CompiledWhisper:
         return self.eager.new_cache(audio_features)
 
     def warm(self, rows: int = 1) -> float:
-        """Compile the encoder and the decode graphs ``rows`` rows use (one token; several, twice: the first
-        call with a new width specialises it, the second makes it dynamic) now, at a server's start or a
-        benchmark's warm-up, instead of at first use; returns the seconds it took."""
+        """Compile the encoder and the decode graphs now (a server's start, a benchmark's warm-up) instead of
+        at first use; returns the seconds it took. Dynamo specialises sizes of 1, so calls of one row or
+        several and of one token or several are four graphs; ``rows`` > 1 compiles the batched ones too."""
         began = time.perf_counter()
         d = self.dims
         features = self.encode(torch.zeros(1, d.n_mels, 2 * d.max_source_positions, device=self.device))
-        cache = self.empty_cache(rows)
-        claimed = cache.claim(*self.cross_kv(features.expand(rows, -1, -1)))
-        for width in (1, 8, 16):
-            self.decode(torch.zeros(rows, width, dtype=torch.long, device=self.device), cache, claimed)
-            for row in claimed:
-                cache.set_length(row, 0)
+        for batch in sorted({1, rows}):
+            cache = self.empty_cache(batch)
+            claimed = cache.claim(*self.cross_kv(features.expand(batch, -1, -1)))
+            for width in (1, 8):
+                self.decode(torch.zeros(batch, width, dtype=torch.long, device=self.device), cache, claimed)
+                for row in claimed:
+                    cache.set_length(row, 0)
         return time.perf_counter() - began
 
     # ---- compiled paths ----------------------------------------------------------------------------------
@@ -142,8 +143,7 @@ class CompiledWhisper:
         block = slice(rows[0], rows[0] + batch)
         view = [[t[block] for t in tensors] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v)]
         graph = self._one_token if (batch, n) == (1, 1) else self._any_shape
-        # the graph dynamo will pick: sizes of 1 are specialised, others are dynamic after their second size
-        key = ("decode", min(batch, 2), min(n, 2), frames)
+        key = ("decode", min(batch, 2), min(n, 2), frames)  # the graph it runs: sizes of 1 are specialised
         logits = self._first_call(key, lambda: graph(tokens.to(self.device, non_blocking=True), step.positions,
                                                      step.slots, step.mask, step.audio_mask, *view))
         cache.advance(rows, n)
