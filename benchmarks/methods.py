@@ -146,6 +146,7 @@ class FasterWhisper:
     """faster-whisper greedy (beam 1, no timestamps, no previous-text conditioning): what a CPU user picks."""
 
     kind, lossless = "peer", False
+    apart = True  # its OpenMP threads slow the methods interleaved with it: measured after them (benchmarks.run)
 
     def __init__(self, name: str, target: ASRModel, compute_type: str, threads: int):
         from faster_whisper import WhisperModel

@@ -14,6 +14,7 @@ printed as a failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from benchmarks.methods import FasterWhisper, Ours, TransformersGreedy, VLLMOffl
 from specasr_vllm.audio import decode_audio
 from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, default_manifest
 from specasr_vllm.evaluation import read_manifest, total, word_errors
+from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.registry import load_model
 from specasr_vllm.speculation.stats import COUNTERS
 
@@ -49,14 +51,15 @@ LONG_FORM_S = 30.0  # files longer than one window: decoded window after window 
 
 def build_methods(names: list[str], model: str, draft: str, threads: int) -> tuple[list, dict[str, str]]:
     target = load_model(model)
+    compiled = dataclasses.replace(target, model=CompiledWhisper(target.model))  # shared: each graph compiled once
     draft_model = load_model(draft)
     methods, skipped = [], {}
     for name in names:
         if name == "ar":
-            methods.append(Ours("ar", "ar", target, None))
+            methods.append(Ours("ar", "ar", compiled, None))
         elif name in SPEC_VARIANTS:
             method, switches = SPEC_VARIANTS[name]
-            methods.append(Ours(name, method, target, draft_model, **switches))
+            methods.append(Ours(name, method, compiled, draft_model, **switches))
         elif name.endswith("-eager"):  # today's eager modules, beside the compiled steps every other row uses
             method = name.removesuffix("-eager")
             methods.append(Ours(name, method, target, draft_model if method != "ar" else None, compile=False))
@@ -87,24 +90,32 @@ def machine() -> dict:
 
 
 def measure(methods: list, entries: list, audio: dict, reps: int, manifest: str) -> dict[str, dict[str, list]]:
-    """``runs[method][file]``: one Run per repetition, interleaved across methods and files (methods in
-    their own process, vLLM, run every file first, alone on the machine)."""
+    """``runs[method][file]``: one Run per repetition, interleaved across methods and files. Methods in
+    their own process (vLLM) run every file first, alone on the machine; methods marked ``apart``
+    (faster-whisper: once CTranslate2's OpenMP threads have run, our interleaved decoding was 1.6x
+    slower) are warmed up and run after the others."""
     runs = {m.name: {e.id: [] for e in entries} for m in methods}
-    for m in methods:  # warm-up: first calls pay for allocation, lazy initialisation and compilation
+    for m in methods:
         if hasattr(m, "prepare"):
             m.prepare(entries, manifest)
-            continue
-        if hasattr(m, "warm"):
-            m.warm()
-        m.run(audio[entries[0].id], entries[0].language)
-    order = list(methods)
-    for rep in range(reps):
-        for i, e in enumerate(entries):
-            for m in order:
-                runs[m.name][e.id].append(m.run_entry(e) if hasattr(m, "run_entry") else m.run(audio[e.id], e.language))
-            order = order[1:] + order[:1]
-            print(f"\rrep {rep + 1}/{reps} file {i + 1}/{len(entries)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+    together = [m for m in methods if not hasattr(m, "prepare") and not getattr(m, "apart", False)]
+    for phase in (together, [m for m in methods if getattr(m, "apart", False)]):
+        for m in phase:  # warm-up: first calls pay for allocation, lazy initialisation and compilation
+            if hasattr(m, "warm"):
+                m.warm()
+            m.run(audio[entries[0].id], entries[0].language)
+        order = list(phase)
+        for rep in range(reps if order else 0):
+            for i, e in enumerate(entries):
+                for m in order:
+                    runs[m.name][e.id].append(m.run(audio[e.id], e.language))
+                order = order[1:] + order[:1]
+                print(f"\rrep {rep + 1}/{reps} file {i + 1}/{len(entries)}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    for m in methods:
+        if hasattr(m, "prepare"):
+            for e in entries:
+                runs[m.name][e.id] = [m.run_entry(e)] * reps
     return runs
 
 

@@ -126,6 +126,10 @@ class SpecConfig:
     draft_vocab: int | None = 16384  # the draft's output layer covers only the first N ids (BPE's most frequent)
     fallback_after: int = 4  # passes before judging whether drafting pays for a request
     min_accept: float = 0.3  # accepted tokens per pass, beyond paying for the draft steps, that drafting must earn
+    # draft only while at most this many requests decode together; wider batches take plain target steps. On
+    # this 2-core CPU a target step for several rows costs little more than for one, so verifying drafts for
+    # a batch costs more than it saves (3 files at once: SpecASR decode 0.42x of AR; one at a time 1.2-1.3x)
+    max_batch: int = 1
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> SpecConfig:
@@ -186,9 +190,9 @@ class VLLMPluginConfig:
     draft: str = DEFAULT_DRAFT  # a registry name or a local Hugging Face Whisper directory
     method: str = "specasr"  # "specasr" (adaptive length + recycling) or "sd" (fixed length k)
     spec: dict = field(default_factory=dict)  # SpecConfig overrides, e.g. {"max_draft": 16}
-    max_batch: int = 1  # draft only while at most this many requests decode together. On a 2-core CPU a
-    # second request already fills the machine and verifying drafts costs more than it saves (benchmarks/
-    # results/vllm-*); an accelerator with room to spare wants a larger value.
+    max_batch: int = SpecConfig.max_batch  # SpecConfig's rule, in vLLM's scheduler: a second request already
+    # fills this machine and verifying drafts costs more than it saves (benchmarks/results/vllm-*); an
+    # accelerator with room to spare wants a larger value.
 
     @classmethod
     def load(cls, model_dir: Path) -> VLLMPluginConfig:

@@ -56,7 +56,8 @@ def test_decoding_creates_no_tensor_off_the_model_device(models, method, timesta
     mel = torch.randn(2, 80, 3000)
     # loading and quantising models is set-up, not the loop: the drafter is built before the switch
     drafter = Drafter.build(draft, target.tokenizer, SpecConfig.for_method(method, fallback_after=10**6,
-                                                                             tree_threshold=0.99, draft_vocab=None))
+                                                                             tree_threshold=0.99, draft_vocab=None,
+                                                                             max_batch=2))
     reference = _decode_all(target, drafter, mel, method, timestamps)  # default device: cpu
     torch.set_default_device("meta")
     try:

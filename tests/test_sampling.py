@@ -152,7 +152,7 @@ def _decode_both(target: ASRModel, draft: ASRModel, mel: torch.Tensor, sampling:
     prefixes = [target.tokenizer.prefix("en", timestamps=timestamps)] * batch
     reference = decode_ar(target, rules, features, prefixes, MAX_POSITIONS, timestamps, sampling=sampling)
     spec = SpecConfig(fallback_after=10**6, tree_threshold=0.99, draft_vocab=None, auto_threshold=False,
-                      threshold=0.1, tree_branches=2, tree_depth=2)
+                      threshold=0.1, tree_branches=2, tree_depth=2, max_batch=batch)
     drafter = Drafter.build(draft, target.tokenizer, spec)
     keys = list(range(batch))
     for key, m in zip(keys, mel):
@@ -204,7 +204,7 @@ def real_window(base, tiny_en, manifest, dev_audio):
     audio = dev_audio[entry.id]
     mel = log_mel_spectrogram(audio, base.n_mels)
     features = base.model.encode(mel[None])
-    drafter = Drafter.build(tiny_en, base.tokenizer, SpecConfig())
+    drafter = Drafter.build(tiny_en, base.tokenizer, SpecConfig(max_batch=64))  # rows of seeds draft together
     return audio, mel, features, base.tokenizer.prefix("en"), drafter
 
 
@@ -246,7 +246,7 @@ def test_verified_position_is_distributed_as_the_target(base, tiny_en, real_wind
     first pass verifies drafts at positions 1 and 2, and if position 1 is rejected, the second pass
     verifies a draft at position 2; either way a drafted token is verified there."""
     _, _, features, prefix, _ = real_window
-    drafter = Drafter.build(tiny_en, base.tokenizer, SpecConfig.for_method("sd", k=2))
+    drafter = Drafter.build(tiny_en, base.tokenizer, SpecConfig.for_method("sd", k=2, max_batch=10**6))
     # every run decodes the same window: the target's cross-attention K/V and the draft's encoder
     # output are computed once, not once per seed (they are most of the time otherwise)
     cross_kv = base.model.cross_kv(features)

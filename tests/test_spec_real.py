@@ -14,7 +14,9 @@ pytestmark = pytest.mark.real
 
 
 def _run(base, tiny_en, manifest, dev_audio, method: str, **spec):
-    config = EngineConfig(method=method, spec=SpecConfig.for_method(method, **spec))
+    """Batches of 8 windows with every row drafting (the engine's default drafts for one row at a time
+    only, SpecConfig.max_batch): batched verification must be exact too."""
+    config = EngineConfig(method=method, spec=SpecConfig.for_method(method, max_batch=8, **spec))
     return transcribe_by_language(Transcriber(config, target=base, draft=tiny_en), manifest, dev_audio)
 
 

@@ -12,7 +12,7 @@ from conftest import make_random_hf_dir
 from transformers import WhisperForConditionalGeneration
 
 from specasr_vllm.audio import log_mel_spectrogram
-from specasr_vllm.config import EngineConfig
+from specasr_vllm.config import EngineConfig, SpecConfig
 from specasr_vllm.engine import Transcriber
 from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.engine.segments import window_segments
@@ -103,7 +103,8 @@ def test_timestamps_match_transformers(base, base_dir, english, dev_audio):
 def test_speculative_timestamps_identical_to_ar(base, tiny_en, english, dev_audio):
     audios = [dev_audio[e.id] for e in english]
     ar = Transcriber(target=base).transcribe(audios, language="en", timestamps=True)
-    spec = Transcriber(EngineConfig(method="specasr"), target=base, draft=tiny_en).transcribe(
+    spec = Transcriber(EngineConfig(method="specasr", spec=SpecConfig(max_batch=8)), target=base,
+                       draft=tiny_en).transcribe(
         audios, language="en", timestamps=True)
     for e, a, s in zip(english, ar, spec):
         assert s.tokens == a.tokens, e.id
