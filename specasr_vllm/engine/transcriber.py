@@ -111,7 +111,7 @@ class Transcriber:
             spec = self.config.spec
             draft = draft or load_model(self.config.draft or DEFAULT_DRAFT, self.config.device, dtype)
             # one drafter for every batch: calibration and measured costs carry over
-            self.drafter = Drafter.build(draft, self.target.tokenizer, spec)
+            self.drafter = Drafter.build(draft, self.target.tokenizer, spec, compile=self.config.compile)
             # the draft runs ahead on a second thread; each thread then computes on one core
             self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) \
                 if spec.concurrent_draft else None

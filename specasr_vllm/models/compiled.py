@@ -125,11 +125,8 @@ class CompiledWhisper:
     # ---- compiled paths ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        """Full 30 s windows go through the compiled encoder one window at a time (its matrices are large
-        enough that batching windows gains little, and one graph serves every batch); other lengths run eager."""
-        d = self.dims
-        if mel.shape[-1] != 2 * d.max_source_positions:
-            return self.eager.encode(mel)
+        """Through the compiled encoder one window at a time (its matrices are large enough that batching
+        windows gains little), any number of frames (the draft's unpadded audio): one graph serves all."""
         mel = mel.to(self.device, self.dtype)
         return torch.cat([self._first_call(("encoder",), lambda i=i: self._encoder(mel[i : i + 1]))
                           for i in range(mel.shape[0])])

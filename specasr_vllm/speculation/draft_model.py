@@ -5,7 +5,7 @@ faster keeps the output exact and only changes how often drafts are accepted:
   are ordered by merge frequency, so the first 16k cover nearly all running text), which removes most
   of the 51k-way projection that dominates a small decoder's step;
 - dynamic int8 quantisation of the decoder's linear layers (and that output layer) on CPU;
-- the encoder may run on the unpadded audio (see ``encode``).
+- the encoder may run on the unpadded audio (see ``encode``), and compiled.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from specasr_vllm.config import SpecConfig
+from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.kv_cache import DecoderCache
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import Suppression
@@ -23,9 +24,12 @@ from specasr_vllm.models.whisper import Whisper
 
 
 class DraftModel:
-    def __init__(self, asr: ASRModel, config: SpecConfig):
+    def __init__(self, asr: ASRModel, config: SpecConfig, compile: bool = False):
+        """``compile``: the encoder runs as a compiled graph for any audio length (``CompiledWhisper``); the
+        decoder stays eager (its int8 kernels do not compile into one graph, and its head is its own)."""
         self.asr = asr
         self.model = asr.model
+        self._encoder = CompiledWhisper(asr.model) if compile else asr.model
         tok = asr.tokenizer
         vocab = self.model.dims.vocab_size
         weight = self.model.decoder.embed_tokens.weight
@@ -50,7 +54,7 @@ class DraftModel:
         return self.model.device
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(mel)
+        return self._encoder.encode(mel)
 
     def empty_cache(self, rows: int) -> DecoderCache:
         return self.model.empty_cache(rows)

@@ -105,9 +105,11 @@ class Drafter:
         self._rounds: list[_Round] = []  # the last proposal, which ``run_ahead`` extends
 
     @classmethod
-    def build(cls, draft: ASRModel, target_tokenizer: WhisperTokenizer, config: SpecConfig) -> Drafter:
-        """A drafter for ``draft`` (loaded on the device it should run on) proposing in the target's vocabulary."""
-        return cls(DraftModel(draft, config), make_bridge(target_tokenizer, draft.tokenizer), config,
+    def build(cls, draft: ASRModel, target_tokenizer: WhisperTokenizer, config: SpecConfig,
+              compile: bool = False) -> Drafter:
+        """A drafter for ``draft`` (loaded on the device it should run on) proposing in the target's vocabulary;
+        ``compile``: the draft's encoder runs compiled (``DraftModel``)."""
+        return cls(DraftModel(draft, config, compile), make_bridge(target_tokenizer, draft.tokenizer), config,
                    target_tokenizer.eot, target_tokenizer.timestamp_begin)
 
     @property
