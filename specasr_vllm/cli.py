@@ -320,7 +320,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from specasr_vllm.server import build_app
 
     config = _server_config(args)
-    app = build_app(Transcriber(_config(args)), config)
+    transcriber = Transcriber(_config(args))
+    if transcriber.config.compile:
+        print("compiling the engine's steps (about a minute; --eager skips it) ...", file=sys.stderr, flush=True)
+        print(f"compiled in {transcriber.warm():.0f} s", file=sys.stderr, flush=True)
+    app = build_app(transcriber, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level or "info")
     return 0
 

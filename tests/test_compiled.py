@@ -108,6 +108,10 @@ def test_compiled_encoder_matches_eager(pair):
     assert ("encoder",) in compiled.compiled
 
 
+def test_warm_compiles_nothing_for_eager_engines(base):
+    assert Transcriber(EngineConfig(method="ar", compile=False), target=base).warm() == 0.0
+
+
 def test_eager_flag_and_setting():
     assert not cli._config(parse("transcribe", S, "--eager")).compile
     engine, _, _ = parse_args(cli._ray_builder_args(parse("ray-serve", "--eager")))

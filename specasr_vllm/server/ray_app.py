@@ -35,7 +35,9 @@ class SpecASRServer:
         method = engine.get("method", "specasr")
         spec = SpecConfig.for_method(method, **engine.get("spec", {}))
         config = EngineConfig(**{k: v for k, v in engine.items() if k != "spec"}, spec=spec)
-        self._app = build_app(Transcriber(config), ServerConfig(**server, metrics_backend="ray"))
+        transcriber = Transcriber(config)
+        transcriber.warm()  # compiled steps before the replica takes traffic (a no-op with compile: false)
+        self._app = build_app(transcriber, ServerConfig(**server, metrics_backend="ray"))
 
     def __serve_build_asgi_app__(self):
         return self._app
