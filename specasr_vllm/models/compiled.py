@@ -44,6 +44,7 @@ from specasr_vllm.models.whisper import FixedView, StepInputs, Whisper, WhisperD
 
 log = logging.getLogger(__name__)
 
+
 def compile_options(device: torch.device) -> dict:
     """Inductor's options: frozen, autotuned weights on CPU; CUDA graphs on a GPU (launch-bound steps).
     Autotuning reports stay in inductor's logs instead of stderr."""
