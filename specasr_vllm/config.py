@@ -151,9 +151,9 @@ class EngineConfig:
     dtype: str = "float32"  # one of DTYPES
     batch_size: int = 8  # 30 s windows encoded and decoded together
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
-    # compiled fixed-shape decoder steps and encoder for the target (models/compiled.py); each shape costs
-    # 10-25 s the first time. False (``--eager``, or SPECASR_EAGER=1) runs the eager modules: for debugging,
-    # and for tests, where compiling every engine would cost more than it saves.
+    # compiled decoder steps and encoder (models/compiled.py; the draft's encoder too): each graph costs 10-30
+    # s the first time in a process. False (``--eager``, or SPECASR_EAGER=1) runs the eager modules: for
+    # debugging, and for tests, where compiling every engine would cost more than it saves.
     compile: bool = field(default_factory=lambda: os.environ.get("SPECASR_EAGER", "") in ("", "0"))
     spec: SpecConfig = field(default_factory=SpecConfig)
 
