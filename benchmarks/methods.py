@@ -6,7 +6,11 @@ method sees the same files in the same process under the same thread count.
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,11 +76,6 @@ class VLLMOffline:
         self.results: dict[str, Run] = {}
 
     def prepare(self, entries: list, manifest: str) -> None:
-        import json
-        import subprocess
-        import sys
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "report.json"
             cmd = [sys.executable, "-m", "specasr_vllm.vllm_plugin.offline", "--method", self.method,

@@ -32,6 +32,7 @@ from specasr_vllm.config import (
     ServerConfig,
     SpecConfig,
     VLLMPluginConfig,
+    compile_by_default,
     default_manifest,
 )
 from specasr_vllm.errors import InvalidRequestError, SpecASRError, UnsupportedVLLMError
@@ -179,7 +180,8 @@ def _config(args: argparse.Namespace, method: str | None = None) -> EngineConfig
     method = method or args.method
     return EngineConfig(model=args.model, draft=args.draft or DEFAULT_DRAFT, method=method,
                         batch_size=args.batch_size or EngineConfig.batch_size, threads=args.threads,
-                        compile=not args.eager and EngineConfig().compile, device=_device(args), dtype=args.dtype or EngineConfig.dtype,
+                        compile=not args.eager and compile_by_default(), device=_device(args),
+                        dtype=args.dtype or EngineConfig.dtype,
                         spec=SpecConfig.for_method(method, **_spec_switches(args, method)))
 
 

@@ -140,6 +140,11 @@ class SpecConfig:
         return cls(**{**base, **overrides})
 
 
+def compile_by_default() -> bool:
+    """Compiled steps unless ``SPECASR_EAGER`` is set (to anything but 0)."""
+    return os.environ.get("SPECASR_EAGER", "") in ("", "0")
+
+
 @dataclass
 class EngineConfig:
     """How the embedded engine runs: which models, which decoding method, where, how many at once."""
@@ -154,7 +159,7 @@ class EngineConfig:
     # compiled decoder steps and encoder (models/compiled.py; the draft's encoder too): each graph costs 10-30
     # s the first time in a process. False (``--eager``, or SPECASR_EAGER=1) runs the eager modules: for
     # debugging, and for tests, where compiling every engine would cost more than it saves.
-    compile: bool = field(default_factory=lambda: os.environ.get("SPECASR_EAGER", "") in ("", "0"))
+    compile: bool = field(default_factory=compile_by_default)
     spec: SpecConfig = field(default_factory=SpecConfig)
 
 

@@ -39,8 +39,8 @@ from collections.abc import Callable
 import torch
 
 from specasr_vllm.config import cache_dir
-from specasr_vllm.models.kv_cache import DecoderCache
-from specasr_vllm.models.whisper import FixedView, StepInputs, Whisper, WhisperDims, step_inputs
+from specasr_vllm.models.kv_cache import DecoderCache, FixedView
+from specasr_vllm.models.whisper import StepInputs, Whisper, WhisperDims, step_inputs
 
 log = logging.getLogger(__name__)
 

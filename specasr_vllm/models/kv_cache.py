@@ -208,3 +208,21 @@ class RowView:
         return (self.cache.cross_k[layer][self.index, :, : self.frames],
                 self.cache.cross_v[layer][self.index, :, : self.frames])
 
+
+class FixedView:
+    """A decode step's cache as plain per-layer tensors of its rows (what a compiled step reads and writes)."""
+
+    def __init__(self, self_k: list[torch.Tensor], self_v: list[torch.Tensor], cross_k: list[torch.Tensor],
+                 cross_v: list[torch.Tensor]):
+        self.self_k, self.self_v, self.cross_k, self.cross_v = self_k, self_v, cross_k, cross_v
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+        self.self_k[layer][rows, :, slots] = k.transpose(1, 2)
+        self.self_v[layer][rows, :, slots] = v.transpose(1, 2)
+
+    def self_kv(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.self_k[layer][:, :, :span], self.self_v[layer][:, :, :span]
+
+    def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_k[layer], self.cross_v[layer]

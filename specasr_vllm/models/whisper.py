@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specasr_vllm.models.kv_cache import DecoderCache, RowView
+from specasr_vllm.models.kv_cache import DecoderCache, FixedView, RowView
 
 
 @dataclass(frozen=True)
@@ -139,25 +139,6 @@ def step_inputs(starts: list[int], n: int, tree_mask: torch.Tensor | None, depth
         held = torch.tensor(audio, device=device)
         audio_mask = (torch.arange(frames, device=device)[None, :] < held[:, None])[:, None, None, :]
     return StepInputs(start[:, None] + depths, start[:, None] + new, (cached | new_visible)[:, None], audio_mask, span)
-
-
-class FixedView:
-    """A decode step's cache as plain per-layer tensors of its rows (what a compiled step reads and writes)."""
-
-    def __init__(self, self_k: list[torch.Tensor], self_v: list[torch.Tensor], cross_k: list[torch.Tensor],
-                 cross_v: list[torch.Tensor]):
-        self.self_k, self.self_v, self.cross_k, self.cross_v = self_k, self_v, cross_k, cross_v
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
-        self.self_k[layer][rows, :, slots] = k.transpose(1, 2)
-        self.self_v[layer][rows, :, slots] = v.transpose(1, 2)
-
-    def self_kv(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.self_k[layer][:, :, :span], self.self_v[layer][:, :, :span]
-
-    def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cross_k[layer], self.cross_v[layer]
 
 
 class Encoder(nn.Module):
