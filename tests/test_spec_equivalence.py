@@ -92,7 +92,7 @@ def test_same_vocabulary_drafts_get_accepted(pair_models):
     """The perturbed copy agrees with the target often, so the machinery is really exercised."""
     target, draft = pair_models["same"]
     # random output uses all ids; a fixed threshold keeps the drafting independent of measured timings
-    spec = SpecConfig(fallback_after=10**6, tree_threshold=0.99, draft_vocab=None, auto_threshold=False,
+    spec = SpecConfig(tree=True, fallback_after=10**6, tree_threshold=0.99, draft_vocab=None, auto_threshold=False,
                       threshold=0.1)
     reference, out, stats = run_both(target, draft, spec, 4, 0)
     assert out == reference

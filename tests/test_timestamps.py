@@ -103,7 +103,7 @@ def test_timestamps_match_transformers(base, base_dir, english, dev_audio):
 def test_speculative_timestamps_identical_to_ar(base, tiny_en, english, dev_audio):
     audios = [dev_audio[e.id] for e in english]
     ar = Transcriber(target=base).transcribe(audios, language="en", timestamps=True)
-    spec = Transcriber(EngineConfig(method="specasr", spec=SpecConfig(max_batch=8)), target=base,
+    spec = Transcriber(EngineConfig(method="specasr", spec=SpecConfig(max_batch=8, tree=True)), target=base,
                        draft=tiny_en).transcribe(
         audios, language="en", timestamps=True)
     for e, a, s in zip(english, ar, spec):
