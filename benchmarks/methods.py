@@ -1,7 +1,10 @@
-"""The methods a benchmark run compares: ours (embedded engine) and peers (transformers, faster-whisper).
+"""The methods a benchmark run compares: ours (embedded engine), vLLM's engine, and peers (transformers,
+faster-whisper).
 
-Each method transcribes one 16 kHz array at a time and reports its tokens and timings, so every
-method sees the same files in the same process under the same thread count.
+Each method transcribes one 16 kHz array at a time (``run``) and reports its tokens and timings, so every
+method sees the same files in the same process under the same thread count. Ours and vLLM also take a
+group of files at once (``run_group``: one batch), for the harness's ``--batch-size``; a group's time is
+shared equally among its files.
 """
 
 from __future__ import annotations
@@ -37,58 +40,71 @@ class Run:
 
 
 class Ours:
-    """The embedded engine with one method preset and SpecConfig switches."""
+    """The embedded engine with one method preset, SpecConfig switches and a batch size."""
 
     kind = "ours"
 
     def __init__(self, name: str, method: str, target: ASRModel, draft: ASRModel | None, compile: bool = True,
-                 **spec):
+                 batch_size: int = 1, **spec):
         self.name, self.lossless = name, True
-        config = EngineConfig(method=method, batch_size=1, compile=compile, spec=SpecConfig.for_method(method, **spec))
+        config = EngineConfig(method=method, batch_size=batch_size, compile=compile,
+                              spec=SpecConfig.for_method(method, **spec))
         self.transcriber = Transcriber(config, target=target, draft=draft if method != "ar" else None)
 
     def warm(self) -> None:
-        """Compile every step shape a batch of one uses, so no timed file pays for compilation."""
+        """Compile every step shape a batch uses, so no timed file pays for compilation."""
         model = self.transcriber.target.model
         if hasattr(model, "warm"):
-            model.warm(rows=1)
+            model.warm(rows=self.transcriber.config.batch_size)
 
     def run(self, audio: np.ndarray, language: str) -> Run:
+        return self.run_group([audio], [language])[0]
+
+    def run_group(self, audios: list[np.ndarray], languages: list[str]) -> list[Run]:
+        """The files in one ``transcribe`` call; each is credited an equal share of the call's time."""
         t0 = time.perf_counter()
-        out = self.transcriber.transcribe([audio], language=language)[0]
-        total = time.perf_counter() - t0
-        timing = out.timings
-        return Run(out.tokens, out.text, total, timing["encode"] + timing.get("draft_encode", 0.0), timing["decode"],
-                   out.stats.to_dict())
+        outs = self.transcriber.transcribe(audios, language=languages)
+        share = (time.perf_counter() - t0) / len(audios)
+        phases = self.transcriber.totals
+        encode = (phases.get("encode", 0.0) + phases.get("draft_encode", 0.0)) / len(audios)
+        return [Run(out.tokens, out.text, share, encode, phases.get("decode", 0.0) / len(audios), out.stats.to_dict())
+                for out in outs]
 
 
 class VLLMOffline:
-    """vLLM's offline engine (``specasr_vllm.vllm_plugin.offline``), one request at a time, in its own process.
+    """vLLM's offline engine (``specasr_vllm.vllm_plugin.offline``) with or without the SpecASR proposer, in its
+    own process, the files submitted ``group`` at a time.
 
     vLLM needs its own process (and both cores), so it cannot be interleaved with the in-process methods:
-    ``prepare`` runs every file once before them, and ``run_entry`` hands back that file's result.
+    ``prepare`` runs every file once before them, and ``run_entry`` hands back that file's result. One
+    request at a time, encode and decode are vLLM's own per-request timestamps (time to the first token,
+    then first to last token).
     """
 
-    kind, lossless = "peer", True  # greedy whisper-base like ours: the identity check applies
+    kind, lossless = "vllm", True  # greedy whisper-base like ours: the identity check applies
 
-    def __init__(self, name: str, method: str, target: ASRModel):
+    def __init__(self, name: str, method: str, target: ASRModel, group: int = 1):
         self.name, self.method, self.model, self.tokenizer = name, method, target.name, target.tokenizer
+        self.group = group
         self.results: dict[str, Run] = {}
 
     def prepare(self, entries: list, manifest: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "report.json"
             cmd = [sys.executable, "-m", "specasr_vllm.vllm_plugin.offline", "--method", self.method,
-                   "--model", self.model, "--manifest", manifest, "--sequential", "--out", str(out),
+                   "--model", self.model, "--manifest", manifest, "--group", str(self.group), "--out", str(out),
                    "--ids", *[e.id for e in entries]]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"{self.name} failed:\n{done.stderr[-3000:]}")
             report = json.loads(out.read_text())
         self.startup_s = report["startup_s"]
+        self.proposer = report.get("proposer")
         for e in entries:
             tokens = [t for t in report["tokens"][e.id] if t < self.tokenizer.eot]  # text only, as ours reports it
-            self.results[e.id] = Run(tokens, self.tokenizer.decode(tokens).strip(), report["sequential_per_file_s"][e.id])
+            phases = report["grouped_phases_s"][e.id] if self.group == 1 else None
+            self.results[e.id] = Run(tokens, self.tokenizer.decode(tokens).strip(), report["grouped_per_file_s"][e.id],
+                                     phases and phases["first_token_s"], phases and phases["decode_s"])
 
     def run_entry(self, entry) -> Run:
         return self.results[entry.id]

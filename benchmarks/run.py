@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # full run over the dev set's English files up to 30 s
     python -m benchmarks.run --quick         # 3 files (or --limit N), 1 repetition: proves the harness works
     python -m benchmarks.run --long-form --methods ar,specasr   # also files over 30 s, in their own table
+    python -m benchmarks.run --methods ar,specasr,vllm-ar,vllm-specasr --batch-size 8   # both engines, batches of 8
 
 Fairness: one process, the same files for every method, a warm-up per method, repetitions
 interleaved (file by file, methods in rotating order), medians per file, the torch thread count
@@ -41,30 +42,36 @@ SPEC_VARIANTS = {  # name -> (method, SpecConfig switches): the paper's baseline
     "specasr-adaptive": ("specasr", {"recycling": False}),
     "specasr": ("specasr", {}),  # adaptive + recycling: the default
     "specasr-tree": ("specasr", {"tree": True}),
+    "specasr-wide": ("specasr", {"max_batch": 64}),  # drafts at any batch width (the default drafts for one row)
     "specasr-concurrent": ("specasr", {"concurrent_draft": True}),
 }
+VLLM_METHODS = {"vllm-ar": "ar", "vllm-specasr": "specasr"}  # vLLM's offline engine, alone and with our proposer
 ALL = ["ar", *SPEC_VARIANTS, "ar-eager", "specasr-eager", "transformers", "faster-whisper-int8", "faster-whisper-fp32",
-       "vllm-ar"]
+       *VLLM_METHODS]
 QUICK = ["ar", "sd", "specasr", "transformers", "faster-whisper-int8"]
 LONG_FORM_S = 30.0  # files longer than one window: decoded window after window from a seek point
 
 
-def build_methods(names: list[str], model: str, draft: str, threads: int) -> tuple[list, dict[str, str]]:
+def build_methods(names: list[str], model: str, draft: str, threads: int,
+                  batch_size: int = 1) -> tuple[list, dict[str, str]]:
     target = load_model(model)
     compiled = dataclasses.replace(target, model=CompiledWhisper(target.model))  # shared: each graph compiled once
     draft_model = load_model(draft)
     methods, skipped = [], {}
     for name in names:
-        if name == "ar":
-            methods.append(Ours("ar", "ar", compiled, None))
+        if batch_size > 1 and name not in ALL[: ALL.index("transformers")] + list(VLLM_METHODS):
+            skipped[name] = f"the harness runs it one file at a time only (--batch-size {batch_size} asked)"
+        elif name == "ar":
+            methods.append(Ours("ar", "ar", compiled, None, batch_size=batch_size))
         elif name in SPEC_VARIANTS:
             method, switches = SPEC_VARIANTS[name]
-            methods.append(Ours(name, method, compiled, draft_model, **switches))
+            methods.append(Ours(name, method, compiled, draft_model, batch_size=batch_size, **switches))
         elif name.endswith("-eager"):  # today's eager modules, beside the compiled steps every other row uses
             method = name.removesuffix("-eager")
-            methods.append(Ours(name, method, target, draft_model if method != "ar" else None, compile=False))
-        elif name == "vllm-ar":
-            methods.append(VLLMOffline(name, "ar", target))
+            methods.append(Ours(name, method, target, draft_model if method != "ar" else None, compile=False,
+                                batch_size=batch_size))
+        elif name in VLLM_METHODS:
+            methods.append(VLLMOffline(name, VLLM_METHODS[name], target, group=batch_size))
         elif name == "transformers":
             methods.append(TransformersGreedy(name, target))
         elif name.startswith("faster-whisper-"):
@@ -89,11 +96,12 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def measure(methods: list, entries: list, audio: dict, reps: int, manifest: str) -> dict[str, dict[str, list]]:
-    """``runs[method][file]``: one Run per repetition, interleaved across methods and files. Methods in
-    their own process (vLLM) run every file first, alone on the machine; methods marked ``apart``
-    (faster-whisper: once CTranslate2's OpenMP threads have run, our interleaved decoding was 1.6x
-    slower) are warmed up and run after the others."""
+def measure(methods: list, entries: list, audio: dict, reps: int, manifest: str,
+            batch_size: int = 1) -> dict[str, dict[str, list]]:
+    """``runs[method][file]``: one Run per repetition, interleaved across methods and groups of
+    ``batch_size`` files (each group one batch). Methods in their own process (vLLM) run every file first,
+    alone on the machine; methods marked ``apart`` (faster-whisper: once CTranslate2's OpenMP threads have
+    run, our interleaved decoding was 1.6x slower) are warmed up and run after the others."""
     runs = {m.name: {e.id: [] for e in entries} for m in methods}
     for m in methods:
         if hasattr(m, "prepare"):
@@ -103,20 +111,29 @@ def measure(methods: list, entries: list, audio: dict, reps: int, manifest: str)
         for m in phase:  # warm-up: first calls pay for allocation, lazy initialisation and compilation
             if hasattr(m, "warm"):
                 m.warm()
-            m.run(audio[entries[0].id], entries[0].language)
+            _run(m, entries[:batch_size], audio)
         order = list(phase)
+        groups = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
         for rep in range(reps if order else 0):
-            for i, e in enumerate(entries):
+            for i, group in enumerate(groups):
                 for m in order:
-                    runs[m.name][e.id].append(m.run(audio[e.id], e.language))
+                    for e, result in zip(group, _run(m, group, audio)):
+                        runs[m.name][e.id].append(result)
                 order = order[1:] + order[:1]
-                print(f"\rrep {rep + 1}/{reps} file {i + 1}/{len(entries)}", end="", file=sys.stderr, flush=True)
+                print(f"\rrep {rep + 1}/{reps} group {i + 1}/{len(groups)}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
     for m in methods:
         if hasattr(m, "prepare"):
             for e in entries:
                 runs[m.name][e.id] = [m.run_entry(e)] * reps
     return runs
+
+
+def _run(method, group: list, audio: dict) -> list:
+    """One method over one group of files: as one batch where the method batches, else file by file."""
+    if hasattr(method, "run_group"):
+        return method.run_group([audio[e.id] for e in group], [e.language for e in group])
+    return [method.run(audio[e.id], e.language) for e in group]
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -163,7 +180,7 @@ def summarise(methods: list, entries: list, runs: dict) -> dict[str, dict]:
             s["recycled_accepted"] = stats["recycled_accepted"]
             s["acceptance_lengths"] = dict(sorted(hist.items()))
         summary[m.name] = s
-    for base in ("ar", "sd"):
+    for base in ("ar", "sd", "vllm-ar"):
         if base in summary:
             for s in summary.values():
                 for phase in ("decode_s", "total_s"):
@@ -178,8 +195,10 @@ def _fmt(v, spec: str) -> str:
 
 def markdown(summary: dict, skipped: dict[str, str], info: dict, long_summary: dict | None = None) -> str:
     cols = ["method", "identical to ar", "WER", "encode s", "decode s", "e2e s", "RTF", "tok/s", "passes/tok",
-            "draft steps/tok", "mean accept", "decode x ar", "e2e x ar", "decode x sd"]
+            "draft steps/tok", "mean accept", "decode x ar", "e2e x ar", "decode x sd", "decode x vllm-ar",
+            "e2e x vllm-ar"]
     lines = [(f"Run {info['run']}: {info['files']} files, {info['audio_s']:.0f} s of audio, {info['reps']} rep(s), "
+              f"batches of {info.get('batch_size', 1)} file(s), "
               f"{info['machine']['torch_threads']} torch threads, {info['machine']['cpu']} "
               f"({info['machine']['cores']} cores), target {info['model']}, draft {info['draft']}")]
     tables = [("files up to 30 s", summary)] + ([("long-form: files over 30 s", long_summary)] if long_summary else [])
@@ -202,6 +221,7 @@ def _rows(summary: dict) -> list[str]:
             _fmt(s.get("target_passes_per_token"), ".3f"), _fmt(s.get("draft_steps_per_token"), ".3f"),
             _fmt(s.get("mean_acceptance"), ".2f"), _fmt(s.get("decode_speedup_vs_ar"), ".2f"),
             _fmt(s.get("total_speedup_vs_ar"), ".2f"), _fmt(s.get("decode_speedup_vs_sd"), ".2f"),
+            _fmt(s.get("decode_speedup_vs_vllm-ar"), ".2f"), _fmt(s.get("total_speedup_vs_vllm-ar"), ".2f"),
         ]) + " |")
     return lines
 
@@ -265,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=None, help=f"comma-separated, from: {', '.join(ALL)}")
     p.add_argument("--reps", type=int, default=1, help="interleaved repetitions per file (medians are reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, fixed for the whole run")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="files decoded together: our engine's batch, vLLM's requests submitted at once (default: 1)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--draft", default=DEFAULT_DRAFT)
     p.add_argument("--quick", action="store_true", help="3 files, 1 repetition, a few methods (for CI)")
@@ -281,13 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     if not entries:
         raise SystemExit("no files match the filters")
     audio = {e.id: decode_audio(e.audio) for e in entries + long_entries}
-    methods, skipped = build_methods(names, args.model, args.draft, args.threads)
+    methods, skipped = build_methods(names, args.model, args.draft, args.threads, args.batch_size)
     started = time.time()
-    runs = measure(methods, entries + long_entries, audio, 1 if args.quick else args.reps, args.manifest)
+    runs = measure(methods, entries + long_entries, audio, 1 if args.quick else args.reps, args.manifest,
+                   args.batch_size)
     summary = summarise(methods, entries, runs)
     long_summary = summarise(methods, long_entries, runs) if long_entries else None
     run = args.name or datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     info = {"run": run, "files": len(entries), "audio_s": sum(e.duration for e in entries), "reps": args.reps,
+            "batch_size": args.batch_size,
             "model": args.model, "draft": args.draft, "manifest": args.manifest, "language": args.language,
             "max_duration": args.max_duration, "machine": machine(), "wall_s": time.time() - started}
     out = Path(args.out)

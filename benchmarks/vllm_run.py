@@ -39,10 +39,10 @@ def summarise(reports: dict[str, dict]) -> dict[str, dict]:
     ar = reports.get("ar")
     rows = {}
     for method, r in reports.items():
-        row = {"startup_s": r["startup_s"], "batched_s": r["batched_s"], "sequential_s": r["sequential_s"],
+        row = {"startup_s": r["startup_s"], "batched_s": r["batched_s"], "sequential_s": r["grouped_s"],
                "files": len(r["tokens"]), "tokens": sum(len(t) for t in r["tokens"].values()),
                "identical_to_vllm_ar": None if ar is None else r["tokens"] == ar["tokens"],
-               "sequential_identical": r["sequential_identical"]}
+               "sequential_identical": r["grouped_identical"]}
         if ar is not None:
             row["sequential_speedup"] = ar["sequential_s"] / r["sequential_s"]
             row["batched_speedup"] = ar["batched_s"] / r["batched_s"]

@@ -281,7 +281,8 @@ class Transcriber:
             keys = [next(self._keys) for _ in batch]
             for key, state, (mel, _, clip) in zip(keys, batch, windows):
                 self.drafter.start(key, state.language, options.task, timestamps, options.prompt, mel=mel, audio=clip)
-            self.drafter.prepare(keys)
+            if len(keys) <= self.config.spec.max_batch:  # else rows draft only once the batch thins out: the
+                self.drafter.prepare(keys)  # draft encodes them then (``propose``), inside the decode time
             timings["draft_encode"] = timings.get("draft_encode", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
             try:

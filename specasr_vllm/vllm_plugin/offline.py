@@ -2,6 +2,7 @@
 
     python -m specasr_vllm.vllm_plugin.offline --method specasr --language en --every 4 --out run.json
     python -m specasr_vllm.vllm_plugin.offline --method ar --ids ID1 ID2 --eager --out run.json
+    python -m specasr_vllm.vllm_plugin.offline --method specasr --language en --group 8 --out run.json
 
 Methods: ``ar`` (vLLM alone), ``ngram`` (vLLM's own prompt-lookup speculation), ``sd`` and
 ``specasr`` (the SpecASR proposer with fixed or adaptive length). Each run starts its own engine
@@ -10,7 +11,9 @@ the tests and ``benchmarks/vllm_run.py`` start one such process per method. Ever
 V1 model runner (``launch.variables``: ``VLLM_USE_V2_MODEL_RUNNER=0``), where the plugin applies
 Whisper's suppression, so ``ar`` is "vLLM alone" with Whisper's rules on any machine. The report holds
 the tokens per entry, seconds with every request submitted at once (``batched``) and, with
-``--sequential``, one request at a time (in all and per entry), vLLM's ``spec_decode`` counters, the proposer's own, and
+``--sequential`` (one request at a time) or ``--group N`` (N at a time), ``grouped_*``: seconds in all
+and per entry (a group's time shared among its entries), each request's time to first token and decode
+phase from vLLM's own timestamps, vLLM's ``spec_decode`` counters, the proposer's own, and
 which model runner ran (``runner``: its class, whether the hooks wrap it, whether suppression was on).
 """
 
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=1, help="every N-th entry")
     p.add_argument("--ids", nargs="*", default=None, help="exactly these entries (instead of --language/--every)")
     p.add_argument("--eager", action="store_true", help="skip torch.compile (faster start, slower steps)")
-    p.add_argument("--sequential", action="store_true", help="also time one request at a time")
+    p.add_argument("--sequential", action="store_true", help="also time one request at a time (--group 1)")
+    p.add_argument("--group", type=int, default=None, help="also time the entries in groups of N submitted together")
     p.add_argument("--plugin-settings", default="{}", help='more specasr.json fields, e.g. \'{"max_batch": 1}\'')
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -84,21 +88,33 @@ def main(argv: list[str] | None = None) -> None:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     report["batched_s"] = time.perf_counter() - t0
     report["tokens"] = {e.id: list(o.outputs[0].token_ids) for e, o in zip(entries, outputs)}
-    if args.sequential:
-        sequential, seconds = [], {}
-        for e, prompt in zip(entries, prompts):
+    if args.sequential or args.group:
+        report["group"] = size = args.group or 1
+        grouped, seconds = [], {}
+        for start in range(0, len(entries), size):
             t0 = time.perf_counter()
-            sequential.append(llm.generate([prompt], params, use_tqdm=False)[0])
-            seconds[e.id] = time.perf_counter() - t0
-        report["sequential_s"] = sum(seconds.values())
-        report["sequential_per_file_s"] = seconds
-        report["sequential_identical"] = all(
-            list(o.outputs[0].token_ids) == report["tokens"][e.id] for e, o in zip(entries, sequential))
+            grouped += llm.generate(prompts[start : start + size], params, use_tqdm=False)
+            share = (time.perf_counter() - t0) / len(entries[start : start + size])  # a group's time, per file
+            seconds.update({e.id: share for e in entries[start : start + size]})
+        report["grouped_s"] = sum(seconds.values())
+        report["grouped_per_file_s"] = seconds
+        report["grouped_phases_s"] = {e.id: _phases(o) for e, o in zip(entries, grouped)}
+        report["grouped_identical"] = all(
+            list(o.outputs[0].token_ids) == report["tokens"][e.id] for e, o in zip(entries, grouped))
     report["runner"] = llm.collective_rpc(_runner_facts)[0]
     report["spec_decode"] = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if "spec_decode" in m.name}
     if args.method in ("sd", "specasr"):
         report["proposer"] = llm.collective_rpc(_proposer_stats)[0]
     Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def _phases(output) -> dict[str, float] | None:
+    """A request's time to its first token (encoder and prompt) and its decode phase (first to last token),
+    from vLLM's per-request engine timestamps (kept while its statistics are on)."""
+    stats = output.metrics
+    if stats is None or not stats.first_token_ts:
+        return None
+    return {"first_token_s": stats.first_token_ts - stats.scheduled_ts, "decode_s": stats.last_token_ts - stats.first_token_ts}
 
 
 def _proposer_stats(worker) -> dict:
