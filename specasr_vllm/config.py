@@ -129,9 +129,10 @@ class SpecConfig:
     draft_vocab: int | None = 16384  # the draft's output layer covers only the first N ids (BPE's most frequent)
     fallback_after: int = 4  # passes before judging whether drafting pays for a request
     min_accept: float = 0.3  # accepted tokens per pass, beyond paying for the draft steps, that drafting must earn
-    # draft only while at most this many requests decode together; wider batches take plain target steps. On
-    # this 2-core CPU a target step for several rows costs little more than for one, so verifying drafts for
-    # a batch costs more than it saves (3 files at once: SpecASR decode 0.42x of AR; one at a time 1.2-1.3x)
+    # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR; the
+    # vLLM proposer drafts nothing while more requests decode). On this 2-core CPU a target step for several
+    # rows costs little more than for one, so verifying drafts for a batch costs more than it saves (compiled,
+    # 32 dev files in batches of 8: decode 0.93x of AR drafting for every row, benchmarks/results/engines-b8)
     max_batch: int = 1
 
     @classmethod

@@ -57,7 +57,7 @@ def test_decoding_creates_no_tensor_off_the_model_device(models, method, timesta
     # loading and quantising models is set-up, not the loop: the drafter is built before the switch
     drafter = Drafter.build(draft, target.tokenizer, SpecConfig.for_method(method, fallback_after=10**6,
                                                                              tree_threshold=0.99, draft_vocab=None,
-                                                                             max_batch=2))
+                                                                             tree=method == "specasr"))
     reference = _decode_all(target, drafter, mel, method, timestamps)  # default device: cpu
     torch.set_default_device("meta")
     try:

@@ -8,7 +8,6 @@ tiny.en-vocabulary draft, bridged through text), batches of 1-4, short output li
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
@@ -38,10 +37,9 @@ def pair_models(tmp_path_factory, base_dir, tiny_en_dir):
     return {"same": (target, noisy), "other": (target, other)}
 
 
-def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, seed: int, timestamps: bool = False,
-             max_batch: int | None = None):
+def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, seed: int, timestamps: bool = False):
     """AR and speculative outputs as token lists (log-probabilities checked to agree on the way); every row
-    drafts unless ``max_batch`` says from how many rows on the batch takes plain steps."""
+    drafts (``decode_speculative`` drafts for every row it is given: the engine decides which batches do)."""
     torch.manual_seed(seed)
     mel = torch.randn(batch, 80, 3000)
     features = target.model.encode(mel)
@@ -49,7 +47,7 @@ def run_both(target: ASRModel, draft: ASRModel, spec: SpecConfig, batch: int, se
     langs = ["en", "de", "fr", "en"][:batch]
     prefixes = [target.tokenizer.prefix(lang, timestamps=timestamps) for lang in langs]
     reference = decode_ar(target, rules, features, prefixes, max_positions=MAX_POSITIONS, timestamps=timestamps)
-    drafter = Drafter.build(draft, target.tokenizer, dataclasses.replace(spec, max_batch=max_batch or batch))
+    drafter = Drafter.build(draft, target.tokenizer, spec)
     keys = [f"r{i}" for i in range(batch)]  # any hashable ids
     for key, lang, m in zip(keys, langs, mel):
         drafter.start(key, lang, "transcribe", timestamps, mel=m, audio=None if not spec.draft_unpadded else
@@ -98,20 +96,6 @@ def test_same_vocabulary_drafts_get_accepted(pair_models):
     assert out == reference
     assert sum(s.accepted_tokens for s in stats) > 0.5 * sum(len(r) for r in reference)
     assert sum(s.target_passes for s in stats) < sum(len(r) for r in reference)
-
-
-def test_batches_wider_than_max_batch_take_plain_steps(pair_models):
-    """SpecConfig.max_batch: 3 rows (which here all decode to the position limit together) draft nothing
-    with max_batch 2, and do draft with max_batch 3; the tokens are the same either way."""
-    target, draft = pair_models["same"]
-    spec = SpecConfig(fallback_after=10**6, tree_threshold=0.99, draft_vocab=None, auto_threshold=False,
-                      threshold=0.1)
-    reference, plain, stats = run_both(target, draft, spec, 3, 0, max_batch=2)
-    assert plain == reference
-    assert all(s.drafted_tokens == 0 and s.target_passes == len(ref) + (len(ref) < MAX_POSITIONS - 4)
-               for s, ref in zip(stats, reference))
-    _, drafted, stats = run_both(target, draft, spec, 3, 0, max_batch=3)
-    assert drafted == reference and sum(s.accepted_tokens for s in stats) > 0
 
 
 def test_fallback_to_ar_when_acceptance_collapses(pair_models):

@@ -45,3 +45,17 @@ def test_identical_to_ar_on_every_dev_file(base, tiny_en, manifest, dev_audio, b
     if method == "specasr":
         assert len(english.acceptance_lengths) > 5  # per-request, per-pass draft lengths vary
         assert english.recycled_accepted > 0
+
+
+def test_batches_wider_than_max_batch_decode_as_ar(base, tiny_en, manifest, dev_audio, base_ar):
+    """SpecConfig.max_batch: three windows decoded together with max_batch 2 take plain AR steps (one pass
+    per token, nothing drafted, the draft's encoder never runs) and give AR's tokens."""
+    english = [e for e in manifest if e.language == "en"][:3]
+    config = EngineConfig(method="specasr", batch_size=3, spec=SpecConfig(max_batch=2))
+    transcriber = Transcriber(config, target=base, draft=tiny_en)
+    results = transcriber.transcribe([dev_audio[e.id] for e in english], language="en")
+    assert [r.tokens for r in results] == [base_ar[e.id].tokens for e in english]
+    for r in results:
+        assert r.stats.drafted_tokens == 0 and r.stats.draft_steps == 0
+        assert r.stats.target_passes == r.stats.output_tokens + 1  # AR: a pass per token, one more for the end
+    assert "draft_encode" not in transcriber.totals

@@ -59,16 +59,14 @@ def decode_speculative(
         _keep_unfinished(batch, drafter, keys, outputs, last, limit, rules.eot)
         while batch.active:
             active = batch.active
-            drafting = len(active) <= drafter.config.max_batch  # wider batches take plain steps (SpecConfig)
             trees = drafter.propose({keys[i]: outputs[i].tokens for i in active},
-                                    {keys[i]: limit[i] - len(outputs[i].tokens) - 1 for i in active}) \
-                if drafting else {keys[i]: DraftTree() for i in active}
+                                    {keys[i]: limit[i] - len(outputs[i].tokens) - 1 for i in active})
             tree_rows = [trees[keys[i]].verification_row(last[i]) for i in active]
             packed = pack_rows(tree_rows, rules.eot, model.device)
             n = packed.tokens.shape[1]
             starts = batch.cache.lengths(batch.rows)
             stop = threading.Event()
-            ahead = pool.submit(drafter.run_ahead, stop) if pool is not None and drafting else None
+            ahead = pool.submit(drafter.run_ahead, stop) if pool is not None else None
             t0 = time.perf_counter()
             logits = model.decode(packed.tokens, batch.cache, batch.rows, packed.mask, packed.depths).flatten(0, 1)
             contexts = [ctx for i in active for ctx in _node_contexts(outputs[i].tokens, trees[keys[i]], n)] \
@@ -93,7 +91,7 @@ def decode_speculative(
                 outputs[i].passes += 1
                 emitted[keys[i]] = new
                 last[i] = new[-1]
-            drafter.feedback(emitted, seconds if drafting else None)
+            drafter.feedback(emitted, seconds)
             _keep_unfinished(batch, drafter, keys, outputs, last, limit, rules.eot)
     return outputs
 

@@ -273,7 +273,9 @@ class Transcriber:
                 timings: dict[str, float]) -> tuple[list[Decoded], list[SpecStats]]:
         """One decode of these windows with the configured method, and each window's statistics."""
         t0 = time.perf_counter()
-        if self.drafter is None:
+        # a batch wider than SpecConfig.max_batch decodes as AR: verifying drafts for several rows costs more
+        # than it saves on this CPU, and the draft's encoder would run for nothing
+        if self.drafter is None or len(batch) > self.config.spec.max_batch:
             outputs = decode_ar(self.target, self.rules, features, prefixes, timestamps=timestamps, cache=self.cache,
                                 sampling=sampling)
             stats = [SpecStats(output_tokens=len(d.tokens), target_passes=d.passes) for d in outputs]
@@ -281,8 +283,7 @@ class Transcriber:
             keys = [next(self._keys) for _ in batch]
             for key, state, (mel, _, clip) in zip(keys, batch, windows):
                 self.drafter.start(key, state.language, options.task, timestamps, options.prompt, mel=mel, audio=clip)
-            if len(keys) <= self.config.spec.max_batch:  # else rows draft only once the batch thins out: the
-                self.drafter.prepare(keys)  # draft encodes them then (``propose``), inside the decode time
+            self.drafter.prepare(keys)
             timings["draft_encode"] = timings.get("draft_encode", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
             try:
