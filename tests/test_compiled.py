@@ -138,3 +138,44 @@ def test_compiled_ar_and_specasr_emit_eager_ar_tokens_on_dev_files(base, tiny_en
     model = ar.target.model
     assert model.eager_calls == 0  # every target call of both methods ran a compiled step
     assert any(n >= 8 for _, n in model.calls)  # long chains were verified by compiled graphs
+
+
+def test_the_draft_step_graph_chooses_like_the_eager_draft(tiny_en):
+    """The draft's one-token step as a frozen graph (DraftModel.choices with compile) picks the same two
+    best ids, with the same probabilities, as the eager int8 draft: one row and two rows, audio of different
+    lengths (the graph was traced on the first), a row rolled back, the cache's frames grown later."""
+    from specasr_vllm.config import SpecConfig
+    from specasr_vllm.speculation.draft_model import DraftModel
+
+    graph, eager = DraftModel(tiny_en, SpecConfig(), compile=True), DraftModel(tiny_en, SpecConfig())
+    torch.manual_seed(5)
+    features = [eager.model.encode(torch.randn(1, tiny_en.n_mels, frames)) for frames in (600, 1000, 1400)]
+    caches = [graph.empty_cache(1), eager.empty_cache(1)]
+    prefix = torch.randint(0, 16000, (1, 6))
+    for cache in caches:
+        cache.claim(*eager.cross_kv(features[0]))
+        eager.decode(prefix, cache, [0])
+
+    def step(rows: list[int], token: int) -> None:
+        tokens = torch.full((len(rows), 1), token)
+        mask, depths = torch.ones(len(rows), 1, 1, dtype=torch.bool), torch.zeros(len(rows), 1, dtype=torch.long)
+        a = graph.choices(tokens, caches[0], rows, mask, depths, {})
+        b = eager.choices(tokens, caches[1], rows, mask, depths, {})
+        assert torch.equal(a[0], b[0])
+        assert (a[1] - b[1]).abs().max() < 1e-4
+        assert caches[0].lengths(rows) == caches[1].lengths(rows)
+
+    for token in (220, 1029, 50):
+        step([0], token)
+    for cache in caches:  # a second row with longer audio: the cache's frames grow
+        cache.claim(*eager.cross_kv(features[1]))
+        eager.decode(prefix[:, :3], cache, [1])
+        cache.set_length(0, 5)  # row 0 rolled back
+    step([0], 400)  # the one-row graph on the grown cache
+    for token in (400, 13):
+        step([0, 1], token)
+    for cache in caches:  # a third row with still longer audio
+        cache.claim(*eager.cross_kv(features[2]))
+        eager.decode(prefix[:, :2], cache, [2])
+    step([0, 1, 2], 7)
+    assert graph.graph_calls == 7 and eager.graph_calls == 0

@@ -199,3 +199,17 @@ def test_identity_bridge_is_free():
     bridge = IdentityBridge(EOT)
     assert bridge.to_draft([1, 2]) == [1, 2]
     assert bridge.to_target([3, 4], [0.5, 0.6], None).tokens == [3, 4]
+
+
+def test_one_slow_call_moves_the_measured_costs_only_so_far():
+    """A first call that traces a graph (0.5 s) among 1.4 ms draft steps: the estimate stays within
+    OUTLIER times itself, and comes back within a few steps."""
+    from specasr_vllm.speculation.adaptive import Costs
+
+    costs = Costs(draft_step=0.0014, verify=0.013)
+    costs.observe(draft_step=0.5, verify=0.013)
+    assert costs.draft_step <= 0.0014 * (0.9 + 0.1 * Costs.OUTLIER) + 1e-12
+    for _ in range(20):
+        costs.observe(draft_step=0.0014)
+    assert abs(costs.draft_step - 0.0014) < 0.0002
+    assert costs.verify == 0.013

@@ -18,16 +18,22 @@ BUCKETS = 10
 
 @dataclass
 class Costs:
-    """Measured seconds of a draft step and of a target verification pass (moving averages)."""
+    """Measured seconds of a draft step and of a target verification pass (moving averages).
+
+    One slow call (a first call that traces or compiles a graph, a pause of the machine) counts as at most
+    ``OUTLIER`` times the current estimate: unclamped, a 0.5 s trace once moved the draft step's estimate
+    from 1.4 ms to 50 ms, and drafting was judged not to pay for the request that met it.
+    """
 
     draft_step: float = 0.01
     verify: float = 0.05
+    OUTLIER = 4.0
 
     def observe(self, draft_step: float | None = None, verify: float | None = None) -> None:
         if draft_step is not None:
-            self.draft_step = 0.9 * self.draft_step + 0.1 * draft_step
+            self.draft_step = 0.9 * self.draft_step + 0.1 * min(draft_step, self.OUTLIER * self.draft_step)
         if verify is not None:
-            self.verify = 0.9 * self.verify + 0.1 * verify
+            self.verify = 0.9 * self.verify + 0.1 * min(verify, self.OUTLIER * self.verify)
 
 
 class FixedLength:

@@ -282,12 +282,8 @@ class Drafter:
         packed = pack_rows([inputs.get(row, dummy) for row in rows], self._tok.eot, self.device)
         starts = self.cache.lengths(rows)
         t0 = time.perf_counter()
-        logp = self.draft.decode(packed.tokens, self.cache, rows, packed.mask, packed.depths)
-        for row, pos in (begin or {}).items():
-            b = rows.index(row)
-            logp[b, pos] = logp[b, pos].masked_fill(self.draft.begin_suppress, float("-inf"))
-        values, index = logp.topk(2, dim=-1)
-        host = torch.stack([self.draft.ids[index].to(values.dtype), values.exp()]).cpu()  # the pass's one sync
+        host = self.draft.choices(packed.tokens, self.cache, rows, packed.mask, packed.depths,
+                                  {rows.index(row): pos for row, pos in (begin or {}).items()})
         if packed.tokens.shape[1] == 1:
             self.costs.observe(draft_step=time.perf_counter() - t0)
         for row, start in zip(rows, starts):
