@@ -141,9 +141,10 @@ def test_compiled_ar_and_specasr_emit_eager_ar_tokens_on_dev_files(base, tiny_en
 
 
 def test_the_draft_step_graph_chooses_like_the_eager_draft(tiny_en):
-    """The draft's one-token step as a frozen graph (DraftModel.choices with compile) picks the same two
-    best ids, with the same probabilities, as the eager int8 draft: one row and two rows, audio of different
-    lengths (the graph was traced on the first), a row rolled back, the cache's frames grown later."""
+    """The draft's one-row, one-token step as a frozen graph (DraftModel.choices with compile) picks the same
+    two best ids, with the same probabilities, as the eager int8 draft: rows of audio of different lengths
+    (the graph was traced on the first), a row rolled back, the cache's frames grown later; several rows
+    at once run eager."""
     from specasr_vllm.config import SpecConfig
     from specasr_vllm.speculation.draft_model import DraftModel
 
@@ -171,11 +172,12 @@ def test_the_draft_step_graph_chooses_like_the_eager_draft(tiny_en):
         cache.claim(*eager.cross_kv(features[1]))
         eager.decode(prefix[:, :3], cache, [1])
         cache.set_length(0, 5)  # row 0 rolled back
-    step([0], 400)  # the one-row graph on the grown cache
+    step([0], 400)  # the graph on the grown cache
+    step([1], 400)  # on another row
     for token in (400, 13):
         step([0, 1], token)
     for cache in caches:  # a third row with still longer audio
         cache.claim(*eager.cross_kv(features[2]))
         eager.decode(prefix[:, :2], cache, [2])
     step([0, 1, 2], 7)
-    assert graph.graph_calls == 7 and eager.graph_calls == 0
+    assert graph.graph_calls == 5 and eager.graph_calls == 0

@@ -29,7 +29,7 @@ from specasr_vllm.models.whisper import StepInputs, Whisper, step_inputs
 class DraftModel:
     def __init__(self, asr: ASRModel, config: SpecConfig, compile: bool = False):
         """``compile``: the encoder runs as a compiled graph for any audio length (``CompiledWhisper``), and on
-        CPU the one-token decoder step as a frozen TorchScript graph (``choices``); other calls stay eager."""
+        CPU one row's one-token decoder step as a frozen TorchScript graph (``choices``); other calls stay eager."""
         self.asr = asr
         self.model = asr.model
         self._encoder = CompiledWhisper(asr.model) if compile else asr.model
@@ -52,7 +52,7 @@ class DraftModel:
         rules = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)  # Whisper's, in one place
         self.suppress, self.begin_suppress = rules.suppress[self.ids], rules.begin_suppress[self.ids]
         self._graph_step = compile and device.type == "cpu"
-        self._steps: dict[int, torch.jit.ScriptModule] = {}  # per number of rows, traced at its first step
+        self._step: torch.jit.ScriptModule | None = None  # traced at the first one-row, one-token step
         self.graph_calls = 0  # one-token steps served by the graph
 
     @property
@@ -79,33 +79,30 @@ class DraftModel:
         """The two best token ids and their probabilities at every new token, on the host: (2, batch, n, 2),
         ids (as floats) then probabilities, read from the device in one transfer. ``begin[b] = i``: Whisper's
         begin rules apply at row ``b``'s new token ``i``. Each row's cache grows by ``n`` (as ``decode``)."""
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        if self._graph_step and tokens.shape[1] == 1 and not begin and contiguous:
-            return self._one_token(tokens, cache, rows)
+        if self._graph_step and tokens.shape == (1, 1) and not begin:
+            return self._one_token(tokens, cache, rows[0])
         logp = self.decode(tokens, cache, rows, tree_mask, depths)
         for b, i in begin.items():
             logp[b, i] = logp[b, i].masked_fill(self.begin_suppress, float("-inf"))
         return _top2(logp, self.ids).cpu()
 
     @torch.no_grad()
-    def _one_token(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int]) -> torch.Tensor:
-        """``choices`` for one new token per row of a contiguous block, through a frozen graph. A graph attends
-        over every cache slot and frame under masks (``FixedView``), so it serves any context and audio
-        length; the tracer records the number of rows as a constant, so each row count has its own graph."""
-        d = self.model.dims
-        starts = cache.lengths(rows)
-        step = step_inputs(starts, 1, None, None, cache.capacity, cache.frames(rows), cache.cross_k[0].shape[2],
-                           self.device)
-        block = slice(rows[0], rows[0] + len(rows))
-        kv = [t[block] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
+    def _one_token(self, tokens: torch.Tensor, cache: DecoderCache, row: int) -> torch.Tensor:
+        """``choices`` for one new token of one row, through the frozen graph. It attends over every cache slot
+        and frame under masks (``FixedView``), so it serves any context and audio length. One row only: the
+        tracer records the number of rows as a constant, and with several rows drafting does not pay here
+        (SpecConfig.max_batch)."""
+        step = step_inputs(cache.lengths([row]), 1, None, None, cache.capacity, cache.frames([row]),
+                           cache.cross_k[0].shape[2], self.device)
+        kv = [t[row : row + 1] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
         inputs = (tokens.to(self.device), step.positions, step.slots, step.mask, step.audio_mask, *kv)
-        if len(rows) not in self._steps:
-            module = _DraftStep(self.model, self.head, self.suppress, self.ids, d.decoder_layers).eval()
+        if self._step is None:
+            module = _DraftStep(self.model, self.head, self.suppress, self.ids, self.model.dims.decoder_layers).eval()
             with warnings.catch_warnings():  # the tracer warns about Python values it records as constants
                 warnings.simplefilter("ignore")
-                self._steps[len(rows)] = torch.jit.freeze(torch.jit.trace(module, inputs, check_trace=False))
-        out = self._steps[len(rows)](*inputs)  # the trace wrote this step's K/V already: writing again is a no-op
-        cache.advance(rows, 1)
+                self._step = torch.jit.freeze(torch.jit.trace(module, inputs, check_trace=False))
+        out = self._step(*inputs)  # the trace wrote this step's K/V already: writing them again is a no-op
+        cache.advance([row], 1)
         self.graph_calls += 1
         return out.cpu()
 
