@@ -333,17 +333,50 @@ def _step(v, finished: set[str] = frozenset()) -> Any:
     return vllm_fake(v.SchedulerOutput, finished_req_ids=set(finished), preempted_req_ids=None)
 
 
-@pytest.fixture
-def fixed_length_proposer(v, base_dir, whisper_hf_config, tmp_path, monkeypatch):
-    """A proposer drafting a fixed 8 tokens for up to two requests, never falling back: here the time between
-    two ``propose`` calls is the test's, not a target pass's, so the cost-based rules would judge nonsense."""
-    monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
-    settings = VLLMPluginConfig(method="sd", max_batch=2, spec={"k": 8, "fallback_after": 10**6})
+def _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch: int) -> Any:
+    settings = VLLMPluginConfig(method="sd", max_batch=max_batch, spec={"k": 8, "fallback_after": 10**6})
     served = launch.serving_dir(str(base_dir), settings)
     config = vllm_fake(v.VllmConfig, model_config=_model_config(v, served, whisper_hf_config),
                        speculative_config=vllm_fake(v.SpeculativeConfig, num_speculative_tokens=16),
                        device_config=vllm_fake(v.DeviceConfig, device=torch.device("cpu")))
     return proposer.SpecASRProposer(config)
+
+
+@pytest.fixture
+def fixed_length_proposer(v, base_dir, whisper_hf_config, tmp_path, monkeypatch):
+    """A proposer drafting a fixed 8 tokens for up to two requests, never falling back: here the time between
+    two ``propose`` calls is the test's, not a target pass's, so the cost-based rules would judge nonsense."""
+    monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
+    return _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch=2)
+
+
+def test_requests_that_arrive_beside_others_never_draft(v, base_dir, whisper_hf_config, tmp_path, monkeypatch,
+                                                         base, manifest, dev_audio):
+    """max_batch 1: two English requests arriving together take plain steps, and the one left alone after
+    the other finished still does not draft (its draft encoder never runs); a request arriving alone drafts."""
+    monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
+    p = _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch=1)
+    english = [e for e in manifest if e.language == "en"][:3]
+    prompt = base.tokenizer.prefix("en")
+    requests = {e.id: _request(v, e.id, prompt, dev_audio[e.id]) for e in english}
+    ids = [e.id for e in english[:2]]
+    runner = vllm_fake(v.GPUModelRunner, input_batch=vllm_fake(v.InputBatch, req_ids=list(ids)), requests=requests)
+    slots = _Slots([prompt, prompt])
+    for row in (0, 1):
+        slots.append(row, [50])
+    p.bind(runner, _step(v))
+    assert p.propose([[50], [50]], slots.lengths.copy(), slots.tokens) == [[], []]
+    p.bind(runner, _step(v, finished={ids[0]}))
+    runner.input_batch.req_ids = [ids[1]]
+    slots.append(1, [51])
+    assert p.propose([[51]], slots.lengths[1:].copy(), slots.tokens[1:]) == [[]]  # alone now, still plain
+    assert p.drafter.requests[ids[1]].row is None  # no draft cache row: its encoder never ran
+    assert p.stats()["fallbacks"] == {"arrived while more than max_batch=1 requests decoded": 2}
+    p.bind(runner, _step(v, finished={ids[1]}))
+    runner.input_batch.req_ids = [english[2].id]
+    alone = _Slots([prompt])
+    alone.append(0, [50])
+    assert len(p.propose([[50]], alone.lengths.copy(), alone.tokens)[0]) > 0  # arrived alone: drafts
 
 
 def test_proposer_through_a_fake_runner(v, fixed_length_proposer, base, manifest, dev_audio):

@@ -142,6 +142,15 @@ class Drafter:
         """A request's counters (read them; the drafter keeps them up to date)."""
         return self.requests[key].stats
 
+    def decline(self, keys: list[Hashable], reason: str) -> None:
+        """Requests the host decides to run as AR from now on: they never draft again (their draft encoder
+        never runs if it has not), and their statistics say why."""
+        for key in keys:
+            req = self.requests[key]
+            req.enabled = False
+            req.stats.fallback = req.stats.fallback or reason
+        self._stop_drafting(keys)
+
     def finish(self, keys: list[Hashable]) -> None:
         """Requests that will emit nothing more: free their draft state now (statistics stay until ``release``)."""
         self._stop_drafting([k for k in keys if k in self.requests])

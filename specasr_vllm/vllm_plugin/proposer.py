@@ -11,7 +11,8 @@ accepted (the length of each slot's newly sampled ids, minus the bonus token) in
 feedback; then ask the engine-agnostic ``Drafter`` (``speculation/``: adaptive length, recycling, the token
 bridge) for each request's chain. vLLM 0.32 verifies one chain per request, so the tree's second pass
 is off and the proposer sends the chain; ``K`` caps its length, the adaptive rule picks it per step.
-While more than ``max_batch`` requests decode together the proposer drafts nothing (see config).
+While more than ``max_batch`` requests decode together the proposer drafts nothing, and a request that
+arrives then never drafts (see config; drafting for the last of a batch once it is alone measured slower).
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ class SpecASRProposer:
         sched = self.scheduler_output
         self._forget(set(sched.finished_req_ids) | set(sched.preempted_req_ids or ()))
         req_ids = list(self.runner.input_batch.req_ids[: len(sampled_token_ids)])
-        self._start([rid for rid in req_ids if rid not in self._prompt_len])
+        new = [rid for rid in req_ids if rid not in self._prompt_len]
+        self._start(new)
+        if len(req_ids) > self.settings.max_batch:  # arrived beside others: plain vLLM even once it is alone
+            self.drafter.decline(new, f"arrived while more than max_batch={self.settings.max_batch} requests decoded")
         # what the last step emitted per request; the time since the last proposal went into verifying it
         emitted = {rid: sampled for rid, sampled in zip(req_ids, sampled_token_ids) if sampled}
         self.drafter.feedback(emitted, started - self._step_done if self._drafted else None)
