@@ -11,7 +11,7 @@ import torch
 from transformers import WhisperForConditionalGeneration
 
 from specasr_vllm.audio import log_mel_spectrogram
-from specasr_vllm.config import EngineConfig
+from specasr_vllm.config import EngineConfig, SpecConfig
 from specasr_vllm.engine import Transcriber
 from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.engine.longform import is_long, seek_segments, window_features
@@ -95,7 +95,9 @@ def test_long_files_match_transformers_long_form(base_ar, references, long_files
 @real
 @pytest.mark.parametrize("method", ["sd", "specasr"])
 def test_speculative_long_form_matches_transformers(method, base, tiny_en, references, long_files, dev_audio):
-    transcriber = Transcriber(EngineConfig(method=method), target=base, draft=tiny_en)
+    # max_batch 8: the files' windows decode together and still draft (the default decodes such batches as AR)
+    config = EngineConfig(method=method, spec=SpecConfig.for_method(method, max_batch=8))
+    transcriber = Transcriber(config, target=base, draft=tiny_en)
     for language in sorted({e.language for e in long_files}):
         files = [e for e in long_files if e.language == language]
         for e, ours in zip(files, transcriber.transcribe([dev_audio[e.id] for e in files], language=language)):

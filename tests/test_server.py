@@ -41,7 +41,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(base, tiny_en):
-    transcriber = Transcriber(EngineConfig(method="specasr", spec=SpecConfig()), target=base, draft=tiny_en)
+    # every batch drafts (the default, max_batch 1, decodes concurrent requests' batches as AR), so the
+    # speculation counters move under concurrency too
+    transcriber = Transcriber(EngineConfig(method="specasr", spec=SpecConfig(max_batch=8)), target=base, draft=tiny_en)
     port = free_port()
     app = build_app(transcriber, ServerConfig(port=port, max_queue=16))
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

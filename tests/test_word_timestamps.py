@@ -219,13 +219,14 @@ def test_words_are_assigned_to_their_segments_and_kept_inside_them(tokenizer):
 
 @real
 def test_transcripts_carry_words_for_every_method(base, tiny_en, manifest, dev_audio):
-    from specasr_vllm.config import EngineConfig
+    from specasr_vllm.config import EngineConfig, SpecConfig
     from specasr_vllm.engine import Transcriber
     from specasr_vllm.formats import to_verbose_json
 
     ids = ["ls-1089-134686-0000", "long-shakespeare-sonnet-002"]
     audios = [dev_audio[i] for i in ids]
-    results = {method: Transcriber(EngineConfig(method=method), target=base, draft=tiny_en).transcribe(
+    spec = SpecConfig(max_batch=8)  # the two windows decode together and still draft
+    results = {method: Transcriber(EngineConfig(method=method, spec=spec), target=base, draft=tiny_en).transcribe(
         audios, language="en", timestamps=True, word_timestamps=True) for method in ("ar", "specasr")}
     for ar, spec in zip(results["ar"], results["specasr"]):
         words = [w for s in ar.segments for w in s.words]
