@@ -49,6 +49,7 @@ VLLM_METHODS = {"vllm-ar": "ar", "vllm-specasr": "specasr"}  # vLLM's offline en
 ALL = ["ar", *SPEC_VARIANTS, "ar-eager", "specasr-eager", "transformers", "faster-whisper-int8", "faster-whisper-fp32",
        *VLLM_METHODS]
 QUICK = ["ar", "sd", "specasr", "transformers", "faster-whisper-int8"]
+BATCHING = {"ar", *SPEC_VARIANTS, "ar-eager", "specasr-eager", *VLLM_METHODS}  # the methods --batch-size applies to
 LONG_FORM_S = 30.0  # files longer than one window: decoded window after window from a seek point
 
 
@@ -59,7 +60,7 @@ def build_methods(names: list[str], model: str, draft: str, threads: int,
     draft_model = load_model(draft)
     methods, skipped = [], {}
     for name in names:
-        if batch_size > 1 and name not in ALL[: ALL.index("transformers")] + list(VLLM_METHODS):
+        if batch_size > 1 and name not in BATCHING:
             skipped[name] = f"the harness runs it one file at a time only (--batch-size {batch_size} asked)"
         elif name == "ar":
             methods.append(Ours("ar", "ar", compiled, None, batch_size=batch_size))
