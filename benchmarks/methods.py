@@ -52,10 +52,9 @@ class Ours:
         self.transcriber = Transcriber(config, target=target, draft=draft if method != "ar" else None)
 
     def warm(self) -> None:
-        """Compile every step shape a batch uses, so no timed file pays for compilation."""
-        model = self.transcriber.target.model
-        if hasattr(model, "warm"):
-            model.warm(rows=self.transcriber.config.batch_size)
+        """Compile what a server compiles before it serves (``Transcriber.warm``: the target's steps, the
+        draft's encoder), so the timed files pay for compilation no more than a server's requests do."""
+        self.transcriber.warm()
 
     def run(self, audio: np.ndarray, language: str) -> Run:
         return self.run_group([audio], [language])[0]
