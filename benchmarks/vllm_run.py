@@ -44,7 +44,7 @@ def summarise(reports: dict[str, dict]) -> dict[str, dict]:
                "identical_to_vllm_ar": None if ar is None else r["tokens"] == ar["tokens"],
                "sequential_identical": r["grouped_identical"]}
         if ar is not None:
-            row["sequential_speedup"] = ar["sequential_s"] / r["sequential_s"]
+            row["sequential_speedup"] = ar["grouped_s"] / r["grouped_s"]
             row["batched_speedup"] = ar["batched_s"] / r["batched_s"]
         spec = r.get("spec_decode", {})
         drafts, drafted = spec.get("vllm:spec_decode_num_drafts"), spec.get("vllm:spec_decode_num_draft_tokens")
