@@ -66,9 +66,10 @@ def alone(model, draft: DraftModel | None, reps: int) -> dict[str, float]:
         dcache = draft.empty_cache(1)
         dcache.claim(*draft.cross_kv(draft.encode(mel)))
         draft.decode(torch.randint(0, 16000, (1, CONTEXT)), dcache, [0])
-        step, mask, depths = torch.randint(0, 16000, (1, 1)), torch.ones(1, 1, 1, dtype=torch.bool), torch.zeros(1, 1)
+        step, mask = torch.randint(0, 16000, (1, 1)), torch.ones(1, 1, 1, dtype=torch.bool)
+        depths = torch.zeros(1, 1, dtype=torch.long)
         # what a greedy draft step is in the loop: the step, the two best choices, the copy to the host
-        out["draft_step"] = _median_ms(lambda: draft.choices(step, dcache, [0], mask, depths.long(), {}), reps,
+        out["draft_step"] = _median_ms(lambda: draft.choices(step, dcache, [0], mask, depths, {}), reps,
                                        lambda: dcache.set_length(0, CONTEXT))
     return out
 

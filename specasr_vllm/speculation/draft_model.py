@@ -97,7 +97,7 @@ class DraftModel:
         kv = [t[row : row + 1] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
         inputs = (tokens.to(self.device), step.positions, step.slots, step.mask, step.audio_mask, *kv)
         if self._step is None:
-            module = _DraftStep(self.model, self.head, self.suppress, self.ids, self.model.dims.decoder_layers).eval()
+            module = _DraftStep(self.model, self.head, self.suppress, self.ids).eval()
             with warnings.catch_warnings():  # the tracer warns about Python values it records as constants
                 warnings.simplefilter("ignore")
                 self._step = torch.jit.freeze(torch.jit.trace(module, inputs, check_trace=False))
@@ -117,15 +117,15 @@ class _DraftStep(nn.Module):
     """One draft step as a module of plain tensors (what TorchScript traces): decoder over a ``FixedView``,
     the draft's head and suppression, and the top two choices."""
 
-    def __init__(self, model: Whisper, head: nn.Module, suppress: torch.Tensor, ids: torch.Tensor, layers: int):
+    def __init__(self, model: Whisper, head: nn.Module, suppress: torch.Tensor, ids: torch.Tensor):
         super().__init__()
-        self.model, self.head, self.layers = model, head, layers
+        self.model, self.head = model, head
         self.register_buffer("suppress", suppress)
         self.register_buffer("ids", ids)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                 audio_mask: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
-        n = self.layers
+        n = self.model.dims.decoder_layers
         view = FixedView(list(kv[:n]), list(kv[n : 2 * n]), list(kv[2 * n : 3 * n]), list(kv[3 * n :]))
         logits = self.model.run_decoder(tokens, StepInputs(positions, slots, mask, audio_mask, kv[0].shape[2]), view,
                                         self.head)
