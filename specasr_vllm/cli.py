@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,9 +21,7 @@ from specasr_vllm.config import (
     DEFAULT_DRAFT,
     DEFAULT_MODEL,
     DTYPES,
-    MAX_TARGET_POSITIONS,
     METHODS,
-    N_FRAMES,
     OUTPUT_FORMATS,
     DecodeOptions,
     EngineConfig,
@@ -35,7 +31,7 @@ from specasr_vllm.config import (
     compile_by_default,
     default_manifest,
 )
-from specasr_vllm.errors import InvalidRequestError, SpecASRError, UnsupportedVLLMError
+from specasr_vllm.errors import InvalidRequestError, SpecASRError
 
 SPECULATIVE = ("sd", "specasr")
 ABLATIONS = {"--no-adaptive": "no_adaptive", "--no-recycling": "no_recycling"}
@@ -46,17 +42,12 @@ LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 # serve flags the vLLM engine has no counterpart for, each with what to do instead
 VLLM_UNSUPPORTED = {
     "--threads": ("threads", "vLLM's CPU build binds its threads with VLLM_CPU_OMP_THREADS_BIND (e.g. 0-3)"),
-    "--eager": ("eager", "pass vLLM's own --enforce-eager in --vllm-args"),
     "--device": ("device", "the vLLM build installed (vllm-cpu or vllm) decides the device"),
     "--dtype": ("dtype", "pass vLLM's own --dtype in --vllm-args"),
     "--tree": ("tree", "vLLM 0.32 has no tree attention, so it always verifies one chain per request"),
     "--concurrent-draft": ("concurrent_draft", "vLLM owns the threads; the proposer drafts between its steps"),
-    "--max-upload-mb": ("max_upload_mb", "set VLLM_MAX_AUDIO_CLIP_FILESIZE_MB (MiB) in vLLM's environment"),
-    "--max-audio-seconds": ("max_audio_seconds", "set VLLM_MAX_AUDIO_DECODE_DURATION_S in vLLM's environment"),
-    "--max-queue": ("max_queue", "vLLM's scheduler has no bound on waiting requests"),
 }
 VLLM_ONLY = {"--vllm-args": "vllm_args", "--print-command": "print_command"}
-ENCODER_POSITIONS = N_FRAMES // 2  # one Whisper encoder input: vLLM must fit it into one step's token budget
 
 
 # --- argument parsing ---------------------------------------------------------------------------
@@ -346,26 +337,22 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _vllm_settings(args: argparse.Namespace) -> tuple[VLLMPluginConfig, int]:
-    """``specasr.json``'s settings and vLLM's ``num_speculative_tokens`` for the engine flags.
+    """``specasr.json``'s settings and vLLM's ``num_speculative_tokens`` for the engine flags."""
+    from specasr_vllm.vllm_plugin.launch import plugin_settings
 
-    A fixed draft length (``sd``, or ``specasr --no-adaptive``) is both the proposer's ``k`` and vLLM's
-    cap; the adaptive rule gets ``max_draft`` as its cap and picks each request's length itself.
-    """
     method = "sd" if args.method == "sd" else "specasr"
-    spec = _spec_switches(args, method)
-    settings = VLLMPluginConfig(draft=args.draft or DEFAULT_DRAFT, method=method, spec=spec)
-    fixed = method == "sd" or spec.get("adaptive") is False
-    return settings, (args.k or SpecConfig.k) if fixed else SpecConfig.max_draft
+    return plugin_settings(method, args.draft, _spec_switches(args, method))
 
 
-def _vllm_extra(args: argparse.Namespace) -> list[str]:
-    """``vllm serve`` options: the engine flags that map onto one, then ``--vllm-args``.
+def _vllm_extra(args: argparse.Namespace, serve: bool) -> list[str]:
+    """vLLM options: the engine flags that map onto one, then ``--vllm-args`` (``serve``: for ``vllm serve``,
+    whose server options ``--log-level`` maps onto too; else engine options only, for our server).
 
     A flag and the same option in ``--vllm-args`` would leave the winner to vLLM's parser, so that is refused.
     """
     extra = shlex.split(args.vllm_args or "")
     mapped: list[str] = []
-    for flag, options in _vllm_mapped(args).items():
+    for flag, options in _vllm_mapped(args, serve).items():
         for option in (o for o in options if o.startswith("--")):
             if any(a == option or a.startswith(option + "=") for a in extra):
                 raise InvalidRequestError(f"{flag} sets vLLM's {option}, which --vllm-args also gives; drop one")
@@ -373,55 +360,48 @@ def _vllm_extra(args: argparse.Namespace) -> list[str]:
     return mapped + extra
 
 
-def _vllm_mapped(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Per flag given, the ``vllm serve`` options it becomes.
+def _vllm_mapped(args: argparse.Namespace, serve: bool) -> dict[str, list[str]]:
+    """Per flag given, the vLLM options it becomes (``--eager`` is ``--enforce-eager``, ``--batch-size``
+    ``launch.batch_options``)."""
+    from specasr_vllm.vllm_plugin.launch import batch_options
 
-    ``--batch-size N`` is vLLM's ``--max-num-seqs N``. vLLM then caps a step's token budget at N x
-    ``--max-model-len``, which for N < 4 is below one encoder input (1500 positions) and vLLM refuses to
-    start, so the budget is raised to one encoder input there.
-    """
     mapped: dict[str, list[str]] = {}
     if _given(args, "batch_size"):
-        mapped["--batch-size"] = ["--max-num-seqs", str(args.batch_size)]
-        if args.batch_size * MAX_TARGET_POSITIONS < ENCODER_POSITIONS:
-            mapped["--batch-size"] += ["--max-num-batched-tokens", str(ENCODER_POSITIONS)]
-    if _given(args, "log_level"):
+        mapped["--batch-size"] = batch_options(args.batch_size)
+    if _given(args, "eager"):
+        mapped["--eager"] = ["--enforce-eager"]
+    if serve and _given(args, "log_level"):
         mapped["--log-level"] = ["--uvicorn-log-level", args.log_level]
     return mapped
 
 
 def _serve_vllm(args: argparse.Namespace) -> int:
-    """vLLM's OpenAI server over the target, drafting with SpecASR (README "vLLM")."""
+    """Our OpenAI server over vLLM's asynchronous engine with the SpecASR proposer (README "vLLM"); with
+    ``--print-command``, the ``vllm serve`` line that runs vLLM's own server instead."""
     from specasr_vllm.vllm_plugin import launch
     from specasr_vllm.vllm_plugin.version import check_vllm
 
-    settings, tokens = _vllm_settings(args)
-    extra = _vllm_extra(args)
     check_vllm()
-    names = [args.served_model_name or args.model, *ServerConfig().aliases]
-    api_key = args.api_key or ServerConfig().api_key  # $SPECASR_API_KEY guards this engine too
-    argv = launch.command(launch.serving_dir(args.model, settings), args.method, tokens, host=args.host,
-                          port=args.port, served_names=names, api_key=api_key, extra=extra)
-    return _exec_vllm(argv, print_only=args.print_command)
-
-
-def _exec_vllm(argv: list[str], print_only: bool) -> int:
-    """Replace this process with ``vllm serve`` (or print the line a user would type to run it by hand).
-
-    ``launch.run`` builds its own ``specasr.json`` from the draft and method alone; the CLI's settings
-    carry the other engine flags too, so it uses ``launch``'s pieces and ends the same way.
-    """
-    from specasr_vllm.vllm_plugin import launch
-
-    if print_only:
+    if args.print_command:
+        settings, tokens = _vllm_settings(args)
+        model_dir = launch.serving_dir(args.model, settings)
+        names = [args.served_model_name or args.model, *ServerConfig().aliases]
+        api_key = args.api_key or ServerConfig().api_key  # $SPECASR_API_KEY guards this engine too
+        argv = launch.command(model_dir, args.method, tokens, host=args.host, port=args.port, served_names=names,
+                              api_key=api_key, extra=_vllm_extra(args, serve=True))
         print(launch.command_line(argv))
         return 0
-    beside = Path(sys.executable).parent / "vllm"  # this environment's vLLM, even when its bin/ is not on PATH
-    vllm = str(beside) if beside.is_file() else shutil.which("vllm")
-    if vllm is None:
-        raise UnsupportedVLLMError("the 'vllm' command is not on PATH; pip install 'specasr-vllm[vllm]'")
-    os.execve(vllm, argv, launch.environment())
-    return 0  # not reached
+    import uvicorn
+
+    from specasr_vllm.server import build_app
+    from specasr_vllm.vllm_plugin.serving import VLLMEngine
+
+    method = "sd" if args.method == "sd" else "specasr"
+    engine = VLLMEngine.build(args.model, args.method, draft=args.draft, spec=_spec_switches(args, method),
+                              served_name=args.served_model_name, extra=_vllm_extra(args, serve=False))
+    config = _server_config(args)
+    uvicorn.run(build_app(engine, config), host=config.host, port=config.port, log_level=args.log_level or "info")
+    return 0
 
 
 # --- ray-serve -----------------------------------------------------------------------------------
@@ -535,13 +515,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
     defaults = ServerConfig()
     p.add_argument("--engine", default="embedded", choices=["embedded", "vllm"],
-                   help="embedded: this package's server and engine; vllm: vLLM's OpenAI server with the SpecASR "
-                        "proposer (pip install 'specasr-vllm[vllm]'); --batch-size becomes its --max-num-seqs, "
-                        "--log-level its --uvicorn-log-level")
-    p.add_argument("--vllm-args", default=None, help="with --engine vllm: more 'vllm serve' options, one string "
-                                                     "given with '=' (e.g. --vllm-args='--enforce-eager')")
+                   help="embedded: this package's engine; vllm: vLLM's asynchronous engine with the SpecASR proposer "
+                        "(pip install 'specasr-vllm[vllm]'), behind the same server; --batch-size becomes vLLM's "
+                        "--max-num-seqs, --eager its --enforce-eager")
+    p.add_argument("--vllm-args", default=None, help="with --engine vllm: more vLLM engine options, one string "
+                                                     "given with '=' (e.g. --vllm-args='--max-num-seqs 4')")
     p.add_argument("--print-command", action="store_true",
-                   help="with --engine vllm: print the 'vllm serve' command instead of running it")
+                   help="with --engine vllm: print the 'vllm serve' command that runs vLLM's own OpenAI server "
+                        "with the proposer instead (no srt/vtt, long audio, queue bound or specasr:* metrics)")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SPECASR_API_KEY)")

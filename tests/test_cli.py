@@ -127,13 +127,10 @@ VLLM = ["serve", "--engine", "vllm"]
         ([*VLLM, "--dtype", "float16"], "--dtype does not apply to --engine vllm"),
         ([*VLLM, "--tree"], "--tree does not apply to --engine vllm"),
         ([*VLLM, "--concurrent-draft"], "--concurrent-draft does not apply to --engine vllm"),
-        ([*VLLM, "--max-upload-mb", "0"], "--max-upload-mb does not apply to --engine vllm"),
-        ([*VLLM, "--max-audio-seconds", "60"], "--max-audio-seconds does not apply to --engine vllm"),
-        ([*VLLM, "--max-queue", "4"], "--max-queue does not apply to --engine vllm"),
         ([*VLLM, "--method", "sd", "--no-recycling"], "--no-recycling is a --method specasr switch"),
         ([*VLLM, "--batch-size", "4", "--vllm-args=--max-num-seqs 8"],
          "--batch-size sets vLLM's --max-num-seqs, which --vllm-args also gives"),
-        ([*VLLM, "--log-level", "debug", "--vllm-args=--uvicorn-log-level=info"],
+        ([*VLLM, "--print-command", "--log-level", "debug", "--vllm-args=--uvicorn-log-level=info"],
          "--log-level sets vLLM's --uvicorn-log-level"),
         ([*VLLM, "--batch-size", "1", "--vllm-args=--max-num-batched-tokens=4096"],
          "--batch-size sets vLLM's --max-num-batched-tokens"),
@@ -207,12 +204,16 @@ def test_vllm_engine_maps_flags_into_specasr_json_and_vllm_options():
     assert settings.spec_config().k == 5 and not settings.spec_config().recycling
     settings, tokens = cli._vllm_settings(parse(*VLLM))
     assert (settings.method, settings.spec, tokens) == ("specasr", {}, SpecConfig.max_draft)
-    extra = cli._vllm_extra(parse(*VLLM, "--batch-size", "4", "--log-level", "warning", "--vllm-args=--enforce-eager"))
-    assert extra == ["--max-num-seqs", "4", "--uvicorn-log-level", "warning", "--enforce-eager"]
+    args = parse(*VLLM, "--batch-size", "4", "--log-level", "warning", "--eager", "--vllm-args=--max-num-batched-tokens 4096")
+    # vLLM's own server takes the log level; our server gives it to uvicorn and vLLM only engine options
+    assert cli._vllm_extra(args, serve=True) == ["--max-num-seqs", "4", "--enforce-eager", "--uvicorn-log-level",
+                                                 "warning", "--max-num-batched-tokens", "4096"]
+    assert cli._vllm_extra(args, serve=False) == ["--max-num-seqs", "4", "--enforce-eager", "--max-num-batched-tokens",
+                                                  "4096"]
     # below 4 sequences vLLM's default token budget (N x 448) cannot hold one encoder input (1500)
-    extra = cli._vllm_extra(parse(*VLLM, "--batch-size", "2"))
+    extra = cli._vllm_extra(parse(*VLLM, "--batch-size", "2"), serve=False)
     assert extra == ["--max-num-seqs", "2", "--max-num-batched-tokens", "1500"]
-    assert cli._vllm_extra(parse(*VLLM)) == []
+    assert cli._vllm_extra(parse(*VLLM), serve=False) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")

@@ -19,14 +19,15 @@ from specasr_vllm.engine.alignment import align_windows, assign_words
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.engine.longform import is_long, seek_segments, window_features
-from specasr_vllm.engine.segments import Segment, compression_ratio, window_segments
+from specasr_vllm.engine.segments import Segment, window_segments
 from specasr_vllm.engine.speculative import decode_speculative
+from specasr_vllm.engine.window_rules import is_silence, needs_fallback, window_context
 from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
 from specasr_vllm.models.sampling import Sampling
-from specasr_vllm.models.tokenizer import MAX_PROMPT_TOKENS
+from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.speculation import Drafter, SpecStats
 
 
@@ -116,6 +117,15 @@ class Transcriber:
             self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) \
                 if spec.concurrent_draft else None
 
+    @property
+    def name(self) -> str:
+        """The target's model name, as the server reports it."""
+        return self.config.model
+
+    @property
+    def tokenizer(self) -> WhisperTokenizer:
+        return self.target.tokenizer
+
     def warm(self) -> float:
         """Compile now what the first requests would otherwise wait for (a server calls this before it
         serves): the target's graphs for one row and for a full batch, and the draft's encoder. Returns
@@ -127,6 +137,11 @@ class Transcriber:
         if self.drafter is not None:
             self.drafter.draft.encode(torch.zeros(1, self.target.n_mels, N_FRAMES // 3, device=self.drafter.device))
         return time.perf_counter() - began
+
+    def check(self, options: DecodeOptions) -> None:
+        """Refuse what this engine cannot decode (the server asks before it decodes the upload)."""
+        if options.word_timestamps and not self.target.alignment_heads:
+            raise InvalidRequestError(f"{self.target.name} names no alignment heads: word timestamps need them")
 
     def transcribe(self, audios: list[np.ndarray], language: str | None | list[str | None] = None,
                    options: DecodeOptions | None = None,
@@ -143,8 +158,7 @@ class Transcriber:
             raise TypeError("pass options or their fields, not both")
         options = options or DecodeOptions(**fields)
         tok = self.target.tokenizer
-        if options.word_timestamps and not self.target.alignment_heads:
-            raise InvalidRequestError(f"{self.target.name} names no alignment heads: word timestamps need them")
+        self.check(options)
         for i, audio in enumerate(audios):
             check_finite(audio, f"audio {i}")
         languages = language if isinstance(language, list) else [language] * len(audios)
@@ -176,10 +190,7 @@ class Transcriber:
 
     @staticmethod
     def _context(state: _Audio, prompt: list[int], options: DecodeOptions) -> list[int]:
-        """The tokens a window is prompted with: the request's ``prompt``, then (when conditioning) earlier windows'."""
-        if options.condition_on_previous_text and state.conditioned and state.history:
-            return (prompt + state.history)[-MAX_PROMPT_TOKENS:]
-        return prompt
+        return window_context(prompt, state.history, state.conditioned, options)
 
     def _next_batch(self, pending: list[_Audio], prompt: list[int], options: DecodeOptions) -> list[_Audio]:
         """The first pending audio's next window, with as many others as share its prefix's shape."""
@@ -207,7 +218,7 @@ class Transcriber:
         for state, (_, frames, _), dec, st in zip(batch, windows, decoded, stats):
             results[state.index].stats.merge(st)
             duration = len(state.samples) / SAMPLE_RATE
-            if self._is_silence(dec, options):  # no text; a short audio's one window is done
+            if is_silence(dec, options):  # no text; a short audio's one window is done
                 segments, advance = [], frames if state.long else state.frames
             elif state.long:
                 segments, advance = seek_segments(dec, tok, state.seek, frames, duration)
@@ -261,7 +272,7 @@ class Transcriber:
                 dec.temperature = temperature
                 stats[i].merge(st)
                 final[i] = dec
-                if attempt + 1 < len(schedule) and self._needs_fallback(dec, options):
+                if attempt + 1 < len(schedule) and needs_fallback(dec, self.target.tokenizer.decode(dec.tokens).strip(), options):
                     retry.append(i)
             if not retry:
                 break
@@ -296,23 +307,6 @@ class Transcriber:
             stats = [final[key] for key in keys]
         timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t0
         return outputs, stats
-
-    def _needs_fallback(self, decoded: Decoded, options: DecodeOptions) -> bool:
-        """openai-whisper's rule: a repetition loop or a low log-probability, unless the window is silence."""
-        text = self.target.tokenizer.decode(decoded.tokens).strip()
-        bad = (options.compression_ratio_threshold is not None
-               and compression_ratio(text) > options.compression_ratio_threshold)
-        bad |= options.logprob_threshold is not None and decoded.avg_logprob < options.logprob_threshold
-        silence = (options.no_speech_threshold is not None and decoded.no_speech_prob > options.no_speech_threshold
-                   and options.logprob_threshold is not None and decoded.avg_logprob < options.logprob_threshold)
-        return bad and not silence
-
-    @staticmethod
-    def _is_silence(decoded: Decoded, options: DecodeOptions) -> bool:
-        """openai-whisper's skip: no speech is likely and the text is not confident."""
-        if options.no_speech_threshold is None or decoded.no_speech_prob <= options.no_speech_threshold:
-            return False
-        return options.logprob_threshold is None or decoded.avg_logprob <= options.logprob_threshold
 
     def _detect_language(self, features: torch.Tensor) -> list[str]:
         model = self.target.model

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specasr_vllm.config import ServerConfig
 from specasr_vllm.engine import Transcriber
+from specasr_vllm.server.async_worker import AsyncEngine, AsyncWorker
 from specasr_vllm.server.errors import APIError, handle_api_error, handle_validation_error
 from specasr_vllm.server.guard import install_guard
 from specasr_vllm.server.routes import register_routes
@@ -28,9 +29,10 @@ from specasr_vllm.server.scheduler import EngineWorker
 from specasr_vllm.server.service import Service
 
 
-def build_app(transcriber: Transcriber, config: ServerConfig | None = None) -> FastAPI:
-    """The server around ``transcriber``; its engine thread runs while the app is being served."""
-    service = Service.create(transcriber, config or ServerConfig())
+def build_app(engine: Transcriber | AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+    """The server around ``engine``: the embedded ``Transcriber`` (its thread runs while the app is served)
+    or an engine that batches by itself (``vllm_plugin.serving.VLLMEngine``, started with the app)."""
+    service = Service.create(engine, config or ServerConfig())
     app = FastAPI(title="specasr-vllm", summary="OpenAI-compatible speech recognition with SpecASR",
                   lifespan=_lifespan(service.worker))
     app.state.metrics, app.state.worker = service.metrics, service.worker
@@ -40,14 +42,16 @@ def build_app(transcriber: Transcriber, config: ServerConfig | None = None) -> F
     return app
 
 
-def _lifespan(worker: EngineWorker) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """Start the engine thread with the server and stop it on shutdown."""
+def _lifespan(worker: EngineWorker | AsyncWorker) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the engine with the server and stop it on shutdown."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        worker.start()
-        yield
-        worker.stop()
+        await worker.open()
+        try:
+            yield
+        finally:
+            await worker.close()
 
     return lifespan
 

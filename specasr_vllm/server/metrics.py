@@ -152,6 +152,10 @@ class Metrics:
             self.rtf.observe(engine_seconds / audio_seconds)
         self.generation_tokens.inc(stats.output_tokens)
         self.target_passes.inc(stats.target_passes)
+        self.observe_speculation(stats)
+
+    def observe_speculation(self, stats: SpecStats) -> None:
+        """The drafting counters of ``stats`` (a request's, or the vLLM proposer's since the last call)."""
         self.drafts.inc(sum(stats.acceptance_lengths.values()))
         self.draft_tokens.inc(stats.drafted_tokens)
         self.accepted_tokens.inc(stats.accepted_tokens)

@@ -70,7 +70,7 @@ def register_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def transcribe(request: Request, req: AudioRequest, file: UploadFile, service: Service) -> Response:

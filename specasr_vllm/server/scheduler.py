@@ -62,6 +62,13 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
+    async def open(self) -> None:
+        """Start the engine thread (the server's start-up)."""
+        self.start()
+
+    async def close(self) -> None:
+        self.stop()
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
@@ -138,14 +145,14 @@ class EngineWorker:
     def _finish(self, batch: list[Job], results: list[Transcript]) -> None:
         for job, result in zip(batch, results):
             self.metrics.observe_transcript(result.duration, sum(result.timings.values()), result.stats)
-            job.loop.call_soon_threadsafe(_settle, job.future, result, None)
+            job.loop.call_soon_threadsafe(settle, job.future, result, None)
 
     @staticmethod
     def _fail(job: Job, exc: BaseException) -> None:
-        job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+        job.loop.call_soon_threadsafe(settle, job.future, None, exc)
 
 
-def _settle(future: asyncio.Future, result: Transcript | None, exc: BaseException | None) -> None:
+def settle(future: asyncio.Future, result: Transcript | None, exc: BaseException | None) -> None:
     if future.done():  # the client went away
         return
     if exc is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from specasr_vllm.config import ServerConfig
 from specasr_vllm.engine import Transcriber
 from specasr_vllm.models.tokenizer import WhisperTokenizer
+from specasr_vllm.server.async_worker import AsyncEngine, AsyncWorker
 from specasr_vllm.server.errors import APIError
 from specasr_vllm.server.metrics import Metrics
 from specasr_vllm.server.scheduler import EngineWorker, Job, QueueFull
@@ -22,23 +23,32 @@ class Service:
     """One server's engine worker, metrics and identity."""
 
     config: ServerConfig
-    worker: EngineWorker
+    engine: Transcriber | AsyncEngine  # the embedded engine, or one that batches by itself (vLLM)
+    worker: EngineWorker | AsyncWorker
     metrics: Metrics
     tokenizer: WhisperTokenizer
     names: tuple[str, ...]  # the model names clients may send: the served name, then the aliases
     started: int = field(default_factory=lambda: int(time.time()))  # /v1/models' "created"
 
     @classmethod
-    def create(cls, transcriber: Transcriber, config: ServerConfig) -> Service:
+    def create(cls, engine: Transcriber | AsyncEngine, config: ServerConfig) -> Service:
         metrics = Metrics(config.metrics_backend)
-        worker = EngineWorker(transcriber, metrics, max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms)
-        names = (config.served_model_name or transcriber.config.model, *config.aliases)
-        return cls(config, worker, metrics, transcriber.target.tokenizer, names)
+        if isinstance(engine, Transcriber):
+            worker = EngineWorker(engine, metrics, max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms)
+        else:
+            worker = AsyncWorker(engine, metrics, max_queue=config.max_queue)
+        names = (config.served_model_name or engine.name, *config.aliases)
+        return cls(config, engine, worker, metrics, engine.tokenizer, names)
 
     @property
     def max_bytes(self) -> int:
         """The upload limit in bytes (``max_upload_mb`` counts decimal megabytes, as OpenAI does)."""
         return int(self.config.max_upload_mb * 1_000_000)
+
+    def exposition(self) -> bytes:
+        """``/metrics``: ours, then the engine's own where it keeps some (vLLM's ``vllm:*``)."""
+        ours = self.metrics.exposition()
+        return ours if isinstance(self.engine, Transcriber) else ours + self.engine.exposition()
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` for the engine; a full queue is a 503 the client is told to retry."""

@@ -68,6 +68,10 @@ def validate(req: AudioRequest, service: Service) -> tuple[str | None, DecodeOpt
     options = DecodeOptions(task=req.task, timestamps=needs_timestamps(req.response_format),
                             prompt=req.prompt or None, temperature=req.temperature,
                             word_timestamps="word" in req.granularities, **req.fallback.given())
+    try:
+        service.engine.check(options)
+    except SpecASRError as exc:
+        raise from_engine_error(exc, param="timestamp_granularities[]" if options.word_timestamps else None) from exc
     return language, options
 
 

@@ -1,7 +1,8 @@
 """vLLM general plugin (entry point ``vllm.general_plugins: specasr``), loaded by vLLM in every process
 (``EngineArgs``, the engine core, each worker) before a config or a model runner is built.
 
-It wraps three methods of vLLM's V1 model runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``;
+It adds one method to vLLM's workers, ``specasr_proposer_stats`` (the proposer's counters, for
+``collective_rpc`` by name), and wraps three methods of vLLM's V1 model runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``;
 the CPU build's ``CPUModelRunner`` and XPU's inherit them), each a no-op unless it concerns a Whisper
 target or the SpecASR proposer:
 
@@ -58,9 +59,25 @@ def register() -> None:
         return
     from vllm.config import VllmConfig
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerBase
 
     patch_runner(GPUModelRunner)
     patch_runner_choice(VllmConfig)
+    WorkerBase.specasr_proposer_stats = proposer_stats  # collective_rpc("specasr_proposer_stats")
+
+
+# ---- what the engine's clients may ask the workers ----------------------------------------------------
+PROPOSER_STATS = "specasr_proposer_stats"
+
+
+def proposer_stats(worker: Any) -> dict | None:
+    """The SpecASR proposer's counters in this worker (None without one). Added to vLLM's workers as a
+    method, so a client in another process (``AsyncLLM.collective_rpc``) can ask by name; a function would
+    need vLLM's pickle fallback (``VLLM_ALLOW_INSECURE_SERIALIZATION``)."""
+    from specasr_vllm.vllm_plugin.proposer import SpecASRProposer
+
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    return drafter.stats() if isinstance(drafter, SpecASRProposer) else None
 
 
 # ---- which runner ------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Start vLLM's own OpenAI server with SpecASR: ``specasr serve --engine vllm`` builds this command.
+"""vLLM with SpecASR: the serving directory, the engine options and environment, ``vllm serve``'s command.
 
 vLLM serves a model directory; SpecASR's settings must reach every vLLM process, so they go into
 ``specasr.json`` beside the target's files (see ``config.VLLMPluginConfig``). The directory served is
 a small one of links to the converted target plus that file, one per settings combination, so the
-converted model itself is never edited. ``command`` is what a user would type to run vLLM by hand,
+converted model itself is never edited. ``engine_options`` are the vLLM engine options that both our
+server (``serving``) and vLLM's own server take; ``command`` is what a user would type to run vLLM by hand,
 ``variables`` the environment it needs: among them ``VLLM_USE_V2_MODEL_RUNNER=0``, since the plugin's
 hooks (Whisper's suppression, the proposer's inputs) live in vLLM's V1 model runner (see ``hooks``).
 """
@@ -15,18 +16,26 @@ import json
 import os
 import shlex
 import shutil
-import sys
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from specasr_vllm.config import MAX_TARGET_POSITIONS, VLLM_SETTINGS_FILE, VLLMPluginConfig, cache_dir
-from specasr_vllm.errors import UnsupportedVLLMError
+from specasr_vllm.config import (
+    DEFAULT_DRAFT,
+    MAX_TARGET_POSITIONS,
+    N_FRAMES,
+    VLLM_SETTINGS_FILE,
+    SpecConfig,
+    VLLMPluginConfig,
+    cache_dir,
+)
+from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.registry import resolve_model
 from specasr_vllm.vllm_plugin.hooks import RUNNER_ENV
-from specasr_vllm.vllm_plugin.version import check_vllm, is_cpu_build
+from specasr_vllm.vllm_plugin.version import is_cpu_build
 
 PROPOSER = "specasr_vllm.vllm_plugin.SpecASRProposer"
+ENCODER_POSITIONS = N_FRAMES // 2  # one Whisper encoder input: vLLM must fit it into one step's token budget
 CPU_KV_FRACTION = 0.3  # on CPU vLLM reads this as the share of RAM for KV cache; its 0.92 default fails
 
 
@@ -50,6 +59,30 @@ def serving_dir(model: str, settings: VLLMPluginConfig) -> Path:
     return out
 
 
+def plugin_settings(method: str, draft: str | None, spec: dict) -> tuple[VLLMPluginConfig, int]:
+    """``specasr.json``'s settings and vLLM's ``num_speculative_tokens`` for a method and its ``SpecConfig``
+    switches. A fixed draft length (``sd``, or ``specasr`` without ``adaptive``) is both the proposer's ``k``
+    and vLLM's cap; the adaptive rule gets ``max_draft`` as its cap and picks each request's length itself."""
+    unsupported = {"tree", "concurrent_draft"} & {name for name, on in spec.items() if on}
+    if unsupported:
+        raise InvalidRequestError(f"{sorted(unsupported)} cannot apply inside vLLM: it verifies one chain per request "
+                                  "(no tree attention in 0.32) and owns the threads")
+    method = "sd" if method == "sd" else "specasr"
+    settings = VLLMPluginConfig(draft=draft or DEFAULT_DRAFT, method=method, spec=spec)
+    fixed = method == "sd" or spec.get("adaptive") is False
+    return settings, spec.get("k", SpecConfig.k) if fixed else SpecConfig.max_draft
+
+
+def batch_options(batch_size: int) -> list[str]:
+    """vLLM options for a batch of ``batch_size`` requests: ``--max-num-seqs``. vLLM then caps a step's token
+    budget at that many ``--max-model-len``, which below 4 is less than one encoder input (1500 positions)
+    and vLLM refuses to start, so the budget is raised to one encoder input there."""
+    options = ["--max-num-seqs", str(batch_size)]
+    if batch_size * MAX_TARGET_POSITIONS < ENCODER_POSITIONS:
+        options += ["--max-num-batched-tokens", str(ENCODER_POSITIONS)]
+    return options
+
+
 def speculative_config(method: str, num_tokens: int) -> dict | None:
     """vLLM's ``--speculative-config`` for a method: none for ``ar``, else the SpecASR proposer."""
     if method == "ar":
@@ -57,15 +90,24 @@ def speculative_config(method: str, num_tokens: int) -> dict | None:
     return {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": num_tokens}
 
 
-def command(model_dir: Path, method: str, num_tokens: int, *, host: str, port: int, served_names: list[str],
-            api_key: str | None = None, extra: list[str] = ()) -> list[str]:
-    """The ``vllm serve`` command line for a serving directory."""
-    args = ["vllm", "serve", str(model_dir), "--host", host, "--port", str(port), "--dtype", "float32",
-            "--max-model-len", str(MAX_TARGET_POSITIONS), "--served-model-name", *served_names]
+def engine_options(model_dir: Path, method: str, num_tokens: int, served_names: list[str] = ()) -> list[str]:
+    """vLLM engine options for a serving directory, the same for ``vllm serve`` and our server's ``AsyncLLM``
+    (``served_names``: the names vLLM reports, in its ``vllm:*`` metrics' ``model_name`` too)."""
+    args = ["--model", str(model_dir), "--dtype", "float32", "--max-model-len", str(MAX_TARGET_POSITIONS)]
+    if served_names:
+        args += ["--served-model-name", *served_names]
     if is_cpu_build():
         args += ["--gpu-memory-utilization", str(CPU_KV_FRACTION)]
     if (spec := speculative_config(method, num_tokens)) is not None:
         args += ["--speculative-config", json.dumps(spec)]
+    return args
+
+
+def command(model_dir: Path, method: str, num_tokens: int, *, host: str, port: int, served_names: list[str],
+            api_key: str | None = None, extra: list[str] = ()) -> list[str]:
+    """The ``vllm serve`` command line for a serving directory (vLLM's own OpenAI server)."""
+    options = engine_options(model_dir, method, num_tokens, served_names)
+    args = ["vllm", "serve", options[1], *options[2:], "--host", host, "--port", str(port)]
     if api_key:
         args += ["--api-key", api_key]
     return args + list(extra)
@@ -88,22 +130,3 @@ def environment() -> dict[str, str]:
 def command_line(argv: list[str], base: Mapping[str, str] = os.environ) -> str:
     """The shell line a user types to run ``argv`` by hand, the variables it needs first."""
     return " ".join([f"{name}={value}" for name, value in variables(base).items()] + [shlex.quote(a) for a in argv])
-
-
-def run(model: str, draft: str, method: str, num_tokens: int, *, host: str, port: int, served_names: list[str],
-        api_key: str | None = None, extra: list[str] = (), print_only: bool = False) -> int:
-    """Exec ``vllm serve`` (or print the command and the environment it needs)."""
-    check_vllm()
-    settings = VLLMPluginConfig(draft=draft, method="sd" if method == "sd" else "specasr")
-    argv = command(serving_dir(model, settings), method, num_tokens, host=host, port=port,
-                   served_names=served_names, api_key=api_key, extra=extra)
-    if print_only:
-        print(command_line(argv))
-        return 0
-    beside = Path(sys.executable).parent / "vllm"  # this environment's vLLM, even when its bin/ is not on PATH
-    vllm = str(beside) if beside.is_file() else shutil.which("vllm")
-    if vllm is None:
-        raise UnsupportedVLLMError("the 'vllm' command is not on PATH; pip install 'specasr-vllm[vllm]'")
-    os.execve(vllm, argv, environment())
-    return 0  # not reached
-

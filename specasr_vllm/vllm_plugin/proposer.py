@@ -13,6 +13,7 @@ bridge) for each request's chain. vLLM 0.32 verifies one chain per request, so t
 is off and the proposer sends the chain; ``K`` caps its length, the adaptive rule picks it per step.
 While more than ``max_batch`` requests decode together the proposer drafts nothing, and a request that
 arrives then never drafts (see config; drafting for the last of a batch once it is alone measured slower).
+Nor does a seeded sampled request, so that its seed gives the same text every time (see ``_start``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,13 @@ class SpecASRProposer:
             task = "translate" if tok.translate in prompt else "transcribe"
             self.drafter.start(rid, language, task, timestamps=tok.no_timestamps not in prompt,
                                mel=_input_features(state).clone())
+            params = getattr(state, "sampling_params", None)
+            if params is not None and params.temperature > 0 and params.seed is not None:
+                # vLLM's rejection sampler draws per drafted position, so the text a seed gives would depend on
+                # how far the adaptive rule drafted each step: a seeded request decodes undrafted, reproducibly
+                self.drafter.decline([rid], "a seeded sampled request (reproducible only without drafts)")
+            elif params is not None and params.max_tokens == 1:  # language detection: the draft encoder would idle
+                self.drafter.decline([rid], "one token to generate: nothing to draft")
 
     def _forget(self, gone: set[str]) -> None:
         known = [rid for rid in gone if rid in self._prompt_len]

@@ -1,0 +1,249 @@
+"""Our OpenAI server's engine on vLLM: ``VLLMEngine`` decodes each request with vLLM's asynchronous engine
+(``AsyncLLM``, the SpecASR proposer inside it), so ``specasr serve --engine vllm`` answers exactly as the
+embedded engine does (formats, streams, limits, queue, errors, metrics) while vLLM batches requests.
+
+The per-window rules are ours (``engine.window_rules``): language detection (one token among the
+language tokens), the prompt and ``condition_on_previous_text``, the temperature fallback with its
+thresholds, the silence skip. What vLLM cannot do here, and what this engine does instead:
+
+- Whisper in vLLM 0.32 has no timestamp rules (the plugin applies Whisper's suppression only), so every
+  window decodes with ``<|notimestamps|>``. Audio up to 30 s is one window, decoded as the embedded
+  engine decodes it for ``json`` and ``text`` (greedy: the same tokens). Longer audio is cut into
+  consecutive 30 s windows, each one segment (openai-whisper's long form without timestamps), where the
+  embedded engine seeks by predicted timestamps: segments, and text at window edges, differ.
+- Word timestamps need the target's cross-attention, which vLLM does not expose: refused (400).
+- ``no_speech_prob`` comes from vLLM's prompt log-probabilities at ``<|startoftranscript|>`` (the top
+  ``NO_SPEECH_TOP`` tokens): exact whenever ``<|nospeech|>`` is among them, which it always is when it can
+  pass the silence threshold (it is then the likeliest token); otherwise reported as 0.
+- ``target_passes`` counts vLLM's outputs for the request (one per engine step that gave it tokens);
+  drafted, accepted and recycled tokens are the proposer's own counters (``proposer_totals``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from specasr_vllm.audio import check_finite
+from specasr_vllm.config import MAX_TARGET_POSITIONS, N_FRAMES, N_SAMPLES, SAMPLE_RATE, DecodeOptions
+from specasr_vllm.engine.decoded import Decoded
+from specasr_vllm.engine.segments import Segment, window_segments
+from specasr_vllm.engine.transcriber import Transcript
+from specasr_vllm.engine.window_rules import is_silence, needs_fallback, window_context
+from specasr_vllm.errors import InvalidRequestError
+from specasr_vllm.models.registry import resolve_model
+from specasr_vllm.models.tokenizer import WhisperTokenizer
+from specasr_vllm.speculation.stats import COUNTERS, SpecStats
+from specasr_vllm.vllm_plugin.hooks import PROPOSER_STATS
+
+NO_SPEECH_TOP = 5  # prompt log-probabilities asked per position: enough to hold <|nospeech|> whenever it matters
+
+
+def engine_args(options: list[str]) -> Any:
+    """vLLM's ``AsyncEngineArgs`` from engine options as ``vllm serve`` takes them (``launch.engine_options``
+    plus the user's ``--vllm-args``), parsed by vLLM's own parser, so both servers accept the same options."""
+    os.environ.update(_variables())  # before vLLM reads its environment
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="specasr serve --engine vllm --vllm-args"))
+    parsed = parser.parse_args(options)
+    return AsyncEngineArgs.from_cli_args(parsed)
+
+
+def _variables() -> dict[str, str]:
+    from specasr_vllm.vllm_plugin.launch import variables
+
+    return variables()
+
+
+class VLLMEngine:
+    """One vLLM engine behind our server: ``start`` builds it, ``transcribe`` decodes one request."""
+
+    def __init__(self, name: str, args: Any, *, speculative: bool):
+        self.name = name  # the target's model name, as the server reports it
+        self.args = args
+        self.speculative = speculative
+        directory = resolve_model(name)
+        vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
+        self.tokenizer = WhisperTokenizer.from_dir(directory, vocab)
+        self.max_batch = args.max_num_seqs or 256  # vLLM's own default when unset
+        self.llm: Any = None
+        self._ids = itertools.count()
+        self._seen = SpecStats()  # the proposer's totals at the last ``speculation_since_last`` call
+
+    @classmethod
+    def build(cls, model: str, method: str, *, draft: str | None = None, spec: dict | None = None,
+              served_name: str | None = None, eager: bool = False, batch_size: int | None = None,
+              extra: list[str] = ()) -> VLLMEngine:
+        """The engine for our settings (those ``specasr serve --engine vllm`` and the Ray app take), plus more
+        vLLM engine options in ``extra``; nothing starts until ``start``."""
+        from specasr_vllm.vllm_plugin.launch import batch_options, engine_options, plugin_settings, serving_dir
+
+        settings, tokens = plugin_settings(method, draft, spec or {})
+        options = engine_options(serving_dir(model, settings), method, tokens, [served_name or model])
+        options += (["--enforce-eager"] if eager else []) + (batch_options(batch_size) if batch_size else [])
+        return cls(model, engine_args(options + list(extra)), speculative=method != "ar")
+
+    # ---- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start vLLM's engine (its engine-core process, the model, the proposer): 20-90 s on a CPU."""
+        os.environ.update(_variables())
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from specasr_vllm.vllm_plugin.version import check_vllm
+
+        check_vllm()
+        self.llm = AsyncLLM.from_engine_args(self.args)
+
+    async def warm(self) -> float:
+        """Decode one second of silence, so the first request does not pay for first-call allocations (and,
+        unless eager, compilation) inside vLLM and the proposer. Returns the seconds it took."""
+        began = time.perf_counter()
+        await self.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), None, DecodeOptions(), None)
+        self._seen = SpecStats()  # the warm-up's drafting is not counted as traffic
+        await self.speculation_since_last()
+        return time.perf_counter() - began
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    @property
+    def alive(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    # ---- one request -----------------------------------------------------------------------------
+    def check(self, options: DecodeOptions) -> None:
+        """Refuse what this engine cannot decode, before the upload is decoded or queued."""
+        if options.word_timestamps:
+            raise InvalidRequestError("word timestamps need the target's cross-attention, which vLLM does not "
+                                      "expose; use the embedded engine (specasr serve --engine embedded)")
+
+    async def transcribe(self, audio: np.ndarray, language: str | None, options: DecodeOptions,
+                         on_window: Callable[[list[Segment]], None] | None = None) -> Transcript:
+        """One request's transcript: its 30 s windows in order, each with the temperature fallback."""
+        self.check(options)
+        if not self.alive:
+            raise RuntimeError("the vLLM engine is not running")
+        check_finite(audio, "audio")
+        began = time.perf_counter()
+        tok = self.tokenizer
+        language = "en" if not tok.multilingual else (tok.language_code(language) if language else None)
+        clips = [audio[i : i + N_SAMPLES] for i in range(0, max(len(audio), 1), N_SAMPLES)]
+        if language is None:
+            language = await self._detect_language(clips[0])
+        duration = len(audio) / SAMPLE_RATE
+        prompt, history, conditioned = tok.prompt_tokens(options.prompt), [], True
+        segments: list[Segment] = []
+        stats = SpecStats()
+        for index, clip in enumerate(clips):
+            prefix = tok.prefix(language, options.task, False, window_context(prompt, history, conditioned, options))
+            decoded = await self._decode_with_fallback(clip, prefix, options, index * N_FRAMES, stats)
+            start = index * N_SAMPLES / SAMPLE_RATE
+            window = [] if is_silence(decoded, options) else window_segments(
+                decoded, tok, start, min(start + N_SAMPLES / SAMPLE_RATE, duration))
+            segments += window
+            conditioned = decoded.temperature < 0.5
+            history += [t for s in window for t in s.tokens]
+            if on_window is not None:
+                on_window(window)
+        return Transcript(text=" ".join(s.text for s in segments if s.text), language=language, duration=duration,
+                          segments=segments, stats=stats, timings={"engine": time.perf_counter() - began})
+
+    async def _decode_with_fallback(self, clip: np.ndarray, prefix: list[int], options: DecodeOptions, seek: int,
+                                    stats: SpecStats) -> Decoded:
+        """The window at the first temperature of the schedule whose result passes openai-whisper's checks."""
+        schedule = options.temperatures()
+        for attempt, temperature in enumerate(schedule):
+            seed = (options.seed * 1_000_003 + seek) * 31 + attempt  # the embedded engine's seed per attempt
+            decoded = await self._generate(clip, prefix, temperature, seed)
+            stats.output_tokens += len(decoded.tokens)
+            stats.target_passes += decoded.passes
+            text = self.tokenizer.decode(decoded.tokens).strip()
+            if attempt + 1 == len(schedule) or not needs_fallback(decoded, text, options):
+                return decoded
+        raise AssertionError("a fallback schedule is never empty")
+
+    async def _generate(self, clip: np.ndarray, prefix: list[int], temperature: float, seed: int) -> Decoded:
+        """One decode of one window by vLLM, with each token's log-probability and the no-speech probability."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=temperature, seed=seed if temperature > 0 else None, logprobs=0,
+                                prompt_logprobs=NO_SPEECH_TOP, max_tokens=MAX_TARGET_POSITIONS - len(prefix))
+        final, passes = None, 0
+        async for output in self.llm.generate(self._prompt(clip, prefix), params, request_id=self._request_id()):
+            final, passes = output, passes + 1
+        completion = final.outputs[0]
+        decoded = Decoded(passes=passes, temperature=temperature,
+                          no_speech_prob=self._no_speech_prob(prefix, final.prompt_logprobs))
+        logprobs = [entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs)]
+        decoded.extend(list(completion.token_ids), logprobs, self.tokenizer.eot)
+        return decoded
+
+    async def _detect_language(self, clip: np.ndarray) -> str:
+        """The likeliest language token after ``<|startoftranscript|>``, as the embedded engine picks it."""
+        from vllm import SamplingParams
+
+        ids = self.tokenizer.language_ids
+        params = SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=sorted(ids.values()))
+        final = None
+        async for final in self.llm.generate(self._prompt(clip, [self.tokenizer.sot]), params,
+                                             request_id=self._request_id()):
+            pass
+        token = final.outputs[0].token_ids[0]
+        return next(code for code, i in ids.items() if i == token)
+
+    def _no_speech_prob(self, prefix: list[int], prompt_logprobs: list | None) -> float:
+        """P(<|nospeech|>) at ``<|startoftranscript|>``: the prompt log-probabilities of the token after it."""
+        at = prefix.index(self.tokenizer.sot) + 1
+        if not prompt_logprobs or at >= len(prompt_logprobs) or prompt_logprobs[at] is None:
+            return 0.0
+        entry = prompt_logprobs[at].get(self.tokenizer.no_speech)
+        return math.exp(entry.logprob) if entry is not None else 0.0
+
+    @staticmethod
+    def _prompt(clip: np.ndarray, prefix: list[int]) -> dict:
+        return {"encoder_prompt": {"prompt": "", "multi_modal_data": {"audio": (clip, SAMPLE_RATE)}},
+                "decoder_prompt": {"prompt_token_ids": prefix}}
+
+    def _request_id(self) -> str:
+        return f"specasr-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+
+    def exposition(self) -> bytes:
+        """vLLM's own metrics (``vllm:*``, ``vllm:spec_decode_*`` among them) in Prometheus' text format."""
+        import prometheus_client as prom
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        return prom.generate_latest(get_prometheus_registry())
+
+    # ---- the proposer's counters -----------------------------------------------------------------
+    async def speculation_since_last(self) -> SpecStats:
+        """The proposer's drafted, accepted and recycled tokens (and its draft steps) since the last call:
+        the proposer runs in vLLM's engine process, so its counters are read there."""
+        if not self.speculative or not self.alive:
+            return SpecStats()
+        totals = (await self.llm.collective_rpc(PROPOSER_STATS))[0]
+        if totals is None:
+            return SpecStats()
+        now = SpecStats(**{name: totals[name] for name in COUNTERS},
+                        acceptance_lengths=_counter(totals["acceptance_lengths"]))
+        delta = SpecStats(**{name: getattr(now, name) - getattr(self._seen, name) for name in COUNTERS},
+                          acceptance_lengths=now.acceptance_lengths - self._seen.acceptance_lengths)
+        self._seen = now
+        delta.output_tokens = delta.target_passes = 0  # counted per request from vLLM's outputs instead
+        return delta
+
+
+def _counter(lengths: dict) -> Counter:
+    return Counter({int(k): v for k, v in lengths.items()})
