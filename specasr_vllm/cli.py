@@ -133,8 +133,10 @@ def _check_serve_flags(args: argparse.Namespace) -> None:
 
 
 def _check_ray_flags(args: argparse.Namespace) -> None:
-    """A GPU reservation only makes sense for replicas that compute on a GPU."""
-    if args.num_gpus and not _device(args).startswith("cuda"):
+    """A GPU reservation only makes sense for replicas that compute on a GPU (vLLM's build decides its device)."""
+    if args.engine == "embedded" and args.vllm_args:
+        raise InvalidRequestError("--vllm-args needs --engine vllm")
+    if args.num_gpus and args.engine == "embedded" and not _device(args).startswith("cuda"):
         raise InvalidRequestError(f"--num-gpus reserves GPUs that a --device {_device(args)} engine does not use; "
                                   "add --device cuda")
 
@@ -410,12 +412,12 @@ def _serve_vllm(args: argparse.Namespace) -> int:
 def _ray_builder_args(args: argparse.Namespace) -> dict[str, str]:
     """``ray_app.app_builder``'s arguments (strings, as a Serve config gives them) for every flag given."""
     method = args.method
-    builder = {"model": args.model, "method": method, "min_replicas": args.min_replicas,
+    builder = {"engine": args.engine, "model": args.model, "method": method, "min_replicas": args.min_replicas,
                "max_replicas": args.max_replicas, "num_cpus": args.num_cpus, "max_queue": args.max_queue}
     if method in SPECULATIVE:
         builder["draft"] = args.draft or DEFAULT_DRAFT
         builder.update(_spec_switches(args, method))
-    for name in ("batch_size", "threads", "device", "dtype", "api_key"):
+    for name in ("batch_size", "threads", "device", "dtype", "api_key", "vllm_args"):
         if _given(args, name):
             builder[name] = getattr(args, name)
     if args.eager:
@@ -440,7 +442,8 @@ def cmd_ray_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.http_host, "port": args.http_port})
     serve.run(app, name=args.name, route_prefix="/", blocking=False)
     print(f"{args.name}: serving on http://{args.http_host}:{args.http_port}/v1 "
-          f"({args.min_replicas}-{args.max_replicas} replicas of {args.model}, method {args.method})")
+          f"({args.min_replicas}-{args.max_replicas} replicas of {args.model}, method {args.method}, "
+          f"{args.engine} engine)")
     return 0
 
 
@@ -538,6 +541,9 @@ def _add_ray_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ray-serve", help="deploy the server as a Ray Serve application on a Ray cluster")
     _engine_args(p, method="specasr")
     p.set_defaults(func=cmd_ray_serve)
+    p.add_argument("--engine", default="embedded", choices=["embedded", "vllm"],
+                   help="each replica's engine: this package's, or one vLLM engine with the SpecASR proposer")
+    p.add_argument("--vllm-args", default=None, help="with --engine vllm: more vLLM engine options, one string")
     p.add_argument("--address", default="auto", help="the Ray cluster: auto, HOST:PORT or ray://HOST:10001")
     p.add_argument("--name", default="specasr", help="Serve application name")
     p.add_argument("--http-host", default="0.0.0.0", help="where Serve's HTTP proxies listen")

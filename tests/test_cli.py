@@ -138,6 +138,9 @@ VLLM = ["serve", "--engine", "vllm"]
         (["ray-serve", "--k", "4"], "--k sets sd's fixed draft length"),
         (["ray-serve", "--method", "ar", "--no-recycling"], "--no-recycling has no effect with --method ar"),
         (["ray-serve", "--num-gpus", "1"], "--num-gpus reserves GPUs that a --device cpu engine does not use"),
+        (["ray-serve", "--vllm-args=--enforce-eager"], "--vllm-args needs --engine vllm"),
+        (["ray-serve", "--engine", "vllm", "--threads", "2"], "['threads'] do not apply to engine vllm"),
+        (["ray-serve", "--engine", "vllm", "--tree"], "['tree'] do not apply to engine vllm"),
     ],
 )
 def test_ignored_flags_exit_2_naming_the_flag(argv, message, capsys):
@@ -234,7 +237,8 @@ def test_ray_serve_passes_every_engine_flag_to_the_app():
                                        "--threads", "1",
                                        "--draft", "d", "--api-key", "key"))
     engine, server, options = parse_args(args)
-    assert engine == {"model": "whisper-base", "draft": "d", "method": "specasr", "threads": 1, "batch_size": 2,
+    assert engine == {"engine": "embedded", "model": "whisper-base", "draft": "d", "method": "specasr", "threads": 1,
+                      "batch_size": 2,
                       "device": "cuda", "dtype": "float16", "spec": {"k": 4, "adaptive": False, "recycling": False, "tree": True,
                                                  "concurrent_draft": True}}
     assert server == {"api_key": "key", "max_queue": ServerConfig.max_queue}
@@ -242,3 +246,7 @@ def test_ray_serve_passes_every_engine_flag_to_the_app():
     engine, _, options = parse_args(cli._ray_builder_args(parse("ray-serve", "--method", "ar")))
     assert engine["method"] == "ar" and "spec" not in engine
     assert options["ray_actor_options"] == {"num_cpus": 1.0}
+    engine, _, _ = parse_args(cli._ray_builder_args(parse("ray-serve", "--engine", "vllm", "--eager", "--no-recycling",
+                                                          "--vllm-args=--max-num-seqs 4")))
+    assert engine == {"engine": "vllm", "model": "whisper-base", "draft": DEFAULT_DRAFT, "method": "specasr",
+                      "compile": False, "vllm_args": "--max-num-seqs 4", "spec": {"recycling": False}}

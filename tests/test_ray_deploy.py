@@ -1,6 +1,6 @@
 """The Ray Serve deployment on a real local Ray cluster (127.0.0.1, started here, stopped after).
 
-Deployed with the README's ``specasr ray-serve`` command: two replicas; transcripts through Serve's
+Deployed with the README's ``specasr ray-serve`` command, once per engine (embedded, then vLLM): two replicas; transcripts through Serve's
 HTTP proxy equal offline ones; one replica killed (SIGKILL) mid-load is replaced by Serve and every
 request ends in success (client retries counted and printed); the replicas' metrics reach Ray's
 metrics agent under the names the Grafana dashboard queries.
@@ -35,12 +35,19 @@ BIN = Path(sys.executable).parent
 REPLICA = f"ServeReplica:specasr:{DEPLOYMENT}"
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@pytest.fixture(scope="module", params=["embedded", "vllm"])
+def cluster(request):
+    """A local cluster serving two replicas of one engine: the embedded one, then (a fresh cluster) vLLM's."""
+    engine = request.param
+    if engine == "vllm":
+        pytest.importorskip("vllm")
     port, http_port, metrics_port = free_port(), free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    # metrics reported every second: Ray's agent then expires a gauge not re-sent within 2 s
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_metrics_report_interval_ms": "1000"}
+    # metrics reported every second: Ray's agent then expires a gauge not re-sent within 2 s; vLLM's KV cache
+    # in GiB (Whisper's 448 positions need little), so two replicas' engines fit beside each other
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_metrics_report_interval_ms": "1000",
+           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    engine_flags = ["--engine", "vllm", "--eager"] if engine == "vllm" else ["--threads", "1"]
     subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     "--num-cpus=4", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
                     f"--temp-dir={temp}"], check=True, env=env, capture_output=True, timeout=120)
@@ -48,7 +55,7 @@ def cluster():
     try:
         deploy = subprocess.run(
             [BIN / "specasr", "ray-serve", "--address", address, "--http-host", "127.0.0.1", "--http-port",
-             str(http_port), "--min-replicas", "2", "--max-replicas", "2", "--num-cpus", "1", "--threads", "1"],
+             str(http_port), "--min-replicas", "2", "--max-replicas", "2", "--num-cpus", "1", *engine_flags],
             env=env, capture_output=True, text=True, timeout=600, check=False)
         assert deploy.returncode == 0, deploy.stderr[-3000:]
         assert f"serving on http://127.0.0.1:{http_port}/v1" in deploy.stdout

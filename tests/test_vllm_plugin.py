@@ -6,13 +6,15 @@ the whole batch so that batched drafting is exercised), over every twelfth Engli
 tokens, vLLM alone gives the embedded engine's tokens (Whisper's suppression applied by the plugin, on
 the V1 model runner its hooks wrap), vLLM's ``spec_decode`` counters agree with the proposer's, draft
 lengths vary per request and step, recycled tokens are counted, and the German request never drafts.
-Then the one-command server: ``specasr serve --engine vllm`` answers ``/v1/audio/transcriptions`` and
-counts drafts at ``/metrics``.
+Then vLLM's own server, started with the line ``specasr serve --engine vllm --print-command`` prints,
+answers ``/v1/audio/transcriptions`` and counts drafts at ``/metrics`` (our server over vLLM's engine:
+``tests/test_vllm_server.py``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -97,12 +99,15 @@ def test_german_request_never_drafts(runs):
     assert runs["specasr"]["proposer"]["fallbacks"] == {"draft does not serve this language": 1}
 
 
-def test_specasr_serve_engine_vllm_answers_transcriptions(selection, runs, base, tmp_path):
+def test_the_printed_vllm_serve_command_answers_transcriptions(selection, runs, base, tmp_path):
+    """The documented alternative to our server: vLLM's own, started with the line ``--print-command`` gives."""
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([BIN / "specasr", "serve", "--engine", "vllm", "--port", str(port),
-                               "--vllm-args=--enforce-eager"], stdout=log,
-                              stderr=subprocess.STDOUT)
+    line = subprocess.run([BIN / "specasr", "serve", "--engine", "vllm", "--port", str(port), "--print-command",
+                           "--vllm-args=--enforce-eager"], capture_output=True, text=True, check=True).stdout.strip()
+    assert " vllm serve " in f" {line}"
+    server = subprocess.Popen(["bash", "-c", f"exec env {line}"], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 600
