@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from test_server import _metrics, free_port
 
 from specasr_vllm.config import N_SAMPLES, SAMPLE_RATE
 
@@ -29,17 +29,9 @@ LONG_ID = "long-shakespeare-sonnet-001"
 MAX_QUEUE = 12
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("vllm-server") / "server.log").open("w")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB: Whisper's 448 positions need little
     proc = subprocess.Popen([sys.executable, "-m", "specasr_vllm.cli", "serve", "--engine", "vllm", "--eager",
@@ -70,15 +62,6 @@ def transcribe(server, data: bytes, name: str = "a.flac", **kwargs):
     return server.client.audio.transcriptions.create(file=(name, data), model=kwargs.pop("model", "whisper-1"), **kwargs)
 
 
-def _metrics(server) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
-        for s in family.samples:
-            key = s.name + (str(sorted(s.labels.items())) if s.labels and "le" not in s.labels else "")
-            out[key] = out.get(key, 0.0) + s.value
-    return out
-
-
 def _total(metrics: dict[str, float], name: str) -> float:
     """A family's sum over its labels (vLLM labels its series by engine and model)."""
     return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "["))
@@ -107,11 +90,9 @@ def test_concurrent_requests_give_the_embedded_engines_text(server, manifest, ba
     entries = [e for e in manifest if e.language == "en" and not e.id.startswith("long-")][:24]
     before = _metrics(server)
 
-    def one(e):
-        return transcribe(server, e.audio.read_bytes(), e.audio.name, language="en").text
-
     with ThreadPoolExecutor(8) as pool:
-        texts = list(pool.map(one, entries))
+        texts = list(pool.map(lambda e: transcribe(server, e.audio.read_bytes(), e.audio.name, language="en").text,
+                              entries))
     assert texts == [base_ar[e.id].text for e in entries]
     after = _metrics(server)
     ok = "specasr:requests_total[('endpoint', '/v1/audio/transcriptions'), ('status', '200')]"
