@@ -68,3 +68,62 @@ def test_the_queue_is_bounded():
 
     asyncio.run(scenario())
     assert worker.depth == 2
+
+
+class SlowAsyncEngine:
+    """An engine that batches by itself (as vLLM does): each request sleeps, NaN audio fails, and reading the
+    proposer's counters can be made to fail."""
+
+    max_batch = 2
+
+    def __init__(self):
+        self.started = self.finished = self.cancelled = 0
+        self.counters_fail = False
+
+    async def transcribe(self, audio, language, options, on_window=None):
+        self.started += 1
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if np.isnan(audio).any():
+            raise RuntimeError("NaN in the audio")
+        self.finished += 1
+        return Transcript(text=f"{len(audio)} samples", language="en", duration=len(audio) / 16000)
+
+    async def speculation_since_last(self):
+        if self.counters_fail:
+            raise RuntimeError("the engine process did not answer")
+        from specasr_vllm.speculation.stats import SpecStats
+
+        return SpecStats(drafted_tokens=3, accepted_tokens=2)
+
+
+def test_async_worker_bounds_in_flight_requests_cancels_the_abandoned_and_isolates_failures():
+    from specasr_vllm.server.async_worker import AsyncWorker
+
+    engine, metrics = SlowAsyncEngine(), Metrics()
+    worker = AsyncWorker(engine, metrics, max_queue=4)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        audios = [np.zeros(10, np.float32), np.full(10, np.nan, np.float32), np.zeros(30, np.float32),
+                  np.zeros(40, np.float32)]
+        jobs = _jobs(loop, audios)
+        for job in jobs:
+            worker.submit(job)
+        assert worker.depth == 2 and metrics.running._value.get() == 2  # beyond max_batch: waiting in the engine
+        with pytest.raises(QueueFull):
+            worker.submit(_jobs(loop, [np.zeros(5, np.float32)])[0])
+        jobs[3].future.cancel()  # its client hung up
+        engine.counters_fail = True  # the answer must not wait on (or fail with) the proposer's counters
+        done = await asyncio.gather(*(job.future for job in jobs[:3]), return_exceptions=True)
+        await asyncio.sleep(0.01)
+        return done
+
+    first, failed, third = asyncio.run(scenario())
+    assert first.text == "10 samples" and third.text == "30 samples"
+    assert isinstance(failed, RuntimeError)
+    assert (engine.started, engine.finished, engine.cancelled) == (4, 2, 1)
+    assert worker.depth == 0 and metrics.running._value.get() == 0

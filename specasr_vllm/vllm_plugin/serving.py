@@ -44,6 +44,7 @@ from specasr_vllm.models.registry import resolve_model
 from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.speculation.stats import COUNTERS, SpecStats
 from specasr_vllm.vllm_plugin.hooks import PROPOSER_STATS
+from specasr_vllm.vllm_plugin.launch import batch_options, engine_options, plugin_settings, serving_dir, variables
 
 NO_SPEECH_TOP = 5  # prompt log-probabilities asked per position: enough to hold <|nospeech|> whenever it matters
 
@@ -51,19 +52,13 @@ NO_SPEECH_TOP = 5  # prompt log-probabilities asked per position: enough to hold
 def engine_args(options: list[str]) -> Any:
     """vLLM's ``AsyncEngineArgs`` from engine options as ``vllm serve`` takes them (``launch.engine_options``
     plus the user's ``--vllm-args``), parsed by vLLM's own parser, so both servers accept the same options."""
-    os.environ.update(_variables())  # before vLLM reads its environment
+    os.environ.update(variables())  # before vLLM reads its environment
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="specasr serve --engine vllm --vllm-args"))
     parsed = parser.parse_args(options)
     return AsyncEngineArgs.from_cli_args(parsed)
-
-
-def _variables() -> dict[str, str]:
-    from specasr_vllm.vllm_plugin.launch import variables
-
-    return variables()
 
 
 class VLLMEngine:
@@ -87,8 +82,6 @@ class VLLMEngine:
               extra: list[str] = ()) -> VLLMEngine:
         """The engine for our settings (those ``specasr serve --engine vllm`` and the Ray app take), plus more
         vLLM engine options in ``extra``; nothing starts until ``start``."""
-        from specasr_vllm.vllm_plugin.launch import batch_options, engine_options, plugin_settings, serving_dir
-
         settings, tokens = plugin_settings(method, draft, spec or {})
         options = engine_options(serving_dir(model, settings), method, tokens, [served_name or model])
         options += (["--enforce-eager"] if eager else []) + (batch_options(batch_size) if batch_size else [])
@@ -97,7 +90,7 @@ class VLLMEngine:
     # ---- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Start vLLM's engine (its engine-core process, the model, the proposer): 20-90 s on a CPU."""
-        os.environ.update(_variables())
+        os.environ.update(variables())
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from specasr_vllm.vllm_plugin.version import check_vllm
@@ -110,8 +103,7 @@ class VLLMEngine:
         unless eager, compilation) inside vLLM and the proposer. Returns the seconds it took."""
         began = time.perf_counter()
         await self.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), None, DecodeOptions(), None)
-        self._seen = SpecStats()  # the warm-up's drafting is not counted as traffic
-        await self.speculation_since_last()
+        await self.speculation_since_last()  # read and dropped: the warm-up's drafting is not traffic
         return time.perf_counter() - began
 
     def shutdown(self) -> None:
