@@ -62,6 +62,8 @@ def cluster(request):
         ray.init(address=address, logging_level="ERROR")  # this process watches Serve's status
         yield {"address": address, "url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}"}
     finally:
+        if ray.is_initialized():
+            serve.shutdown()  # also forgets this process's Serve client, bound to this cluster's controller
         ray.shutdown()
         subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
 
