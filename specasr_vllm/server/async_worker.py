@@ -17,6 +17,7 @@ import numpy as np
 from specasr_vllm.config import DecodeOptions
 from specasr_vllm.engine import Transcript
 from specasr_vllm.errors import SpecASRError
+from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.server.metrics import Metrics
 from specasr_vllm.server.scheduler import Job, QueueFull, settle
 from specasr_vllm.speculation.stats import SpecStats
@@ -25,8 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine(Protocol):
+    """What the server needs of such an engine (``vllm_plugin.serving.VLLMEngine``)."""
+
+    name: str  # the target's model name, as /v1/models reports it
+    tokenizer: WhisperTokenizer  # validation's language codes and prompts
     max_batch: int  # requests the engine decodes in one step; the rest wait inside it
 
+    def check(self, options: DecodeOptions) -> None: ...
     def start(self) -> None: ...
     def shutdown(self) -> None: ...
     async def warm(self) -> float: ...
