@@ -21,7 +21,7 @@ from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.engine.longform import is_long, seek_segments, window_features
 from specasr_vllm.engine.segments import Segment, window_segments
 from specasr_vllm.engine.speculative import decode_speculative
-from specasr_vllm.engine.window_rules import is_silence, needs_fallback, window_context
+from specasr_vllm.engine.window_rules import attempt_seed, is_silence, needs_fallback, window_context
 from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.registry import ASRModel, load_model
@@ -262,7 +262,7 @@ class Transcriber:
         stats = [SpecStats() for _ in batch]
         todo = list(range(len(batch)))
         for attempt, temperature in enumerate(schedule):
-            seeds = [(options.seed * 1_000_003 + batch[i].seek) * 31 + attempt for i in todo]  # Sampling mixes them
+            seeds = [attempt_seed(options.seed, batch[i].seek, attempt) for i in todo]  # Sampling mixes them
             sampling = Sampling(temperature, seeds) if temperature > 0 else None
             outputs, attempt_stats = self._decode(
                 [batch[i] for i in todo], [windows[i] for i in todo], features[todo], [prefixes[i] for i in todo],

@@ -26,6 +26,12 @@ def is_silence(decoded: Decoded, options: DecodeOptions) -> bool:
     return options.logprob_threshold is None or decoded.avg_logprob <= options.logprob_threshold
 
 
+def attempt_seed(seed: int, seek: int, attempt: int) -> int:
+    """The seed of one decode of one window: the request's ``seed``, the window's position (mel frames) and the
+    fallback attempt, so every window and every retry samples afresh and the same request repeats itself."""
+    return (seed * 1_000_003 + seek) * 31 + attempt
+
+
 def window_context(prompt: list[int], history: list[int], conditioned: bool, options: DecodeOptions) -> list[int]:
     """The tokens a window is prompted with: the request's ``prompt``, then (when conditioning on previous
     text and the last window was decoded cool enough) the earlier windows' tokens."""

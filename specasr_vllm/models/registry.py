@@ -162,14 +162,19 @@ def alignment_heads(directory: Path) -> list[tuple[int, int]]:
     return [(int(layer), int(head)) for layer, head in heads or []]
 
 
+def load_tokenizer(directory: Path) -> WhisperTokenizer:
+    """The tokenizer of a resolved model directory (multilingual or English-only from its vocabulary size)."""
+    config = json.loads((directory / "config.json").read_text())
+    return WhisperTokenizer.from_dir(directory, config["vocab_size"])
+
+
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ASRModel:
     directory = resolve_model(name)
-    config = json.loads((directory / "config.json").read_text())
     suppress, begin_suppress = suppression_lists(directory)
     return ASRModel(
         name=name,
         model=load_whisper(directory, device=device, dtype=dtype),
-        tokenizer=WhisperTokenizer.from_dir(directory, config["vocab_size"]),
+        tokenizer=load_tokenizer(directory),
         suppress_tokens=suppress,
         begin_suppress_tokens=begin_suppress,
         alignment_heads=alignment_heads(directory),

@@ -63,7 +63,7 @@ def register() -> None:
 
     patch_runner(GPUModelRunner)
     patch_runner_choice(VllmConfig)
-    WorkerBase.specasr_proposer_stats = proposer_stats  # collective_rpc("specasr_proposer_stats")
+    setattr(WorkerBase, PROPOSER_STATS, proposer_stats)  # collective_rpc(PROPOSER_STATS) reaches it by name
 
 
 # ---- what the engine's clients may ask the workers ----------------------------------------------------

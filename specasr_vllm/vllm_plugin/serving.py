@@ -16,13 +16,12 @@ thresholds, the silence skip. What vLLM cannot do here, and what this engine doe
   ``NO_SPEECH_TOP`` tokens): exact whenever ``<|nospeech|>`` is among them, which it always is when it can
   pass the silence threshold (it is then the likeliest token); otherwise reported as 0.
 - ``target_passes`` counts vLLM's outputs for the request (one per engine step that gave it tokens);
-  drafted, accepted and recycled tokens are the proposer's own counters (``proposer_totals``).
+  drafted, accepted and recycled tokens are the proposer's own counters (``speculation_since_last``).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import time
@@ -38,10 +37,9 @@ from specasr_vllm.config import MAX_TARGET_POSITIONS, N_FRAMES, N_SAMPLES, SAMPL
 from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.engine.segments import Segment, window_segments
 from specasr_vllm.engine.transcriber import Transcript
-from specasr_vllm.engine.window_rules import is_silence, needs_fallback, window_context
+from specasr_vllm.engine.window_rules import attempt_seed, is_silence, needs_fallback, window_context
 from specasr_vllm.errors import InvalidRequestError
-from specasr_vllm.models.registry import resolve_model
-from specasr_vllm.models.tokenizer import WhisperTokenizer
+from specasr_vllm.models.registry import load_tokenizer, resolve_model
 from specasr_vllm.speculation.stats import COUNTERS, SpecStats
 from specasr_vllm.vllm_plugin.hooks import PROPOSER_STATS
 from specasr_vllm.vllm_plugin.launch import batch_options, engine_options, plugin_settings, serving_dir, variables
@@ -68,9 +66,7 @@ class VLLMEngine:
         self.name = name  # the target's model name, as the server reports it
         self.args = args
         self.speculative = speculative
-        directory = resolve_model(name)
-        vocab = json.loads((directory / "config.json").read_text())["vocab_size"]
-        self.tokenizer = WhisperTokenizer.from_dir(directory, vocab)
+        self.tokenizer = load_tokenizer(resolve_model(name))
         self.max_batch = args.max_num_seqs or 256  # vLLM's own default when unset
         self.llm: Any = None
         self._ids = itertools.count()
@@ -90,8 +86,7 @@ class VLLMEngine:
     # ---- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Start vLLM's engine (its engine-core process, the model, the proposer): 20-90 s on a CPU."""
-        os.environ.update(variables())
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.async_llm import AsyncLLM  # the environment was set when ``args`` were parsed
 
         from specasr_vllm.vllm_plugin.version import check_vllm
 
@@ -158,8 +153,7 @@ class VLLMEngine:
         """The window at the first temperature of the schedule whose result passes openai-whisper's checks."""
         schedule = options.temperatures()
         for attempt, temperature in enumerate(schedule):
-            seed = (options.seed * 1_000_003 + seek) * 31 + attempt  # the embedded engine's seed per attempt
-            decoded = await self._generate(clip, prefix, temperature, seed)
+            decoded = await self._generate(clip, prefix, temperature, attempt_seed(options.seed, seek, attempt))
             stats.output_tokens += len(decoded.tokens)
             stats.target_passes += decoded.passes
             text = self.tokenizer.decode(decoded.tokens).strip()
