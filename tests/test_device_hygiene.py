@@ -8,6 +8,7 @@ a CPU tensor fails (on a GPU the same slip is a cuda/cpu mismatch, or a silent h
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from conftest import make_random_hf_dir
 from specasr_vllm.config import SpecConfig
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.speculative import decode_speculative
+from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.registry import load_model
 from specasr_vllm.models.rules import WhisperRules
 from specasr_vllm.speculation import Drafter
+from specasr_vllm.speculation.bridge import make_bridge
+from specasr_vllm.speculation.draft_model import DraftModel
 
 MAX_POSITIONS = 30
 
@@ -49,15 +53,23 @@ def _decode_all(target, drafter, mel, method: str, timestamps: bool) -> list[lis
     return [o.tokens for o in outputs]
 
 
-@pytest.mark.parametrize("method,timestamps", [("ar", False), ("sd", False), ("specasr", False), ("specasr", True)])
-def test_decoding_creates_no_tensor_off_the_model_device(models, method, timestamps):
+@pytest.mark.parametrize("method,timestamps,graphs", [("ar", False, False), ("sd", False, False),
+                                                      ("specasr", False, False), ("specasr", True, False),
+                                                      ("ar", False, True), ("specasr", True, True)])
+def test_decoding_creates_no_tensor_off_the_model_device(models, method, timestamps, graphs):
+    """``graphs``: the GPU's path (target and draft steps through ``StepGraphs``), run uncaptured."""
     target, draft = models
     torch.manual_seed(0)
     mel = torch.randn(2, 80, 3000)
     # loading and quantising models is set-up, not the loop: the drafter is built before the switch
-    drafter = Drafter.build(draft, target.tokenizer, SpecConfig.for_method(method, fallback_after=10**6,
-                                                                             tree_threshold=0.99, draft_vocab=None,
-                                                                             tree=method == "specasr"))
+    config = SpecConfig.for_method(method, fallback_after=10**6, tree_threshold=0.99, draft_vocab=None,
+                                   tree=method == "specasr")
+    if graphs:
+        target = dataclasses.replace(target, model=CompiledWhisper(target.model, graphs=True))
+        drafter = Drafter(DraftModel(draft, config, graphs=True), make_bridge(target.tokenizer, draft.tokenizer),
+                          config, target.tokenizer.eot, target.tokenizer.timestamp_begin)
+    else:
+        drafter = Drafter.build(draft, target.tokenizer, config)
     reference = _decode_all(target, drafter, mel, method, timestamps)  # default device: cpu
     torch.set_default_device("meta")
     try:
@@ -66,3 +78,6 @@ def test_decoding_creates_no_tensor_off_the_model_device(models, method, timesta
     finally:
         torch.set_default_device(None)
     assert hygienic == reference
+    if graphs:
+        assert target.model.eager_calls == 0 and target.model.graphs.calls > 0
+        assert method == "ar" or drafter.draft.graphs.calls > 0

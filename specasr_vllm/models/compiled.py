@@ -24,7 +24,9 @@ Exactness: compiled and eager kernels round differently (logits agree to ~1e-4),
 and a many-token verification pass are different compiled graphs. What is guaranteed and tested is the
 argmax: AR with one-token steps and speculative decoding with verification passes pick the same tokens
 on the dev files (``tests/test_compiled.py``; the harness checks identity on every run).
-On CUDA the same steps would be compiled with inductor's CUDA graphs; that path is untested here.
+On CUDA the decoder steps are not compiled but captured: the same fixed-shape step replayed as CUDA
+graphs (``step_graphs.StepGraphs``), since there an eager step is launch-bound; the encoder and the
+cross-attention K/V (a few large products per window) run eager.
 """
 
 from __future__ import annotations
@@ -40,39 +42,39 @@ import torch
 
 from specasr_vllm.config import cache_dir
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView
+from specasr_vllm.models.step_graphs import StepGraphs
 from specasr_vllm.models.whisper import StepInputs, Whisper, WhisperDims, step_inputs
 
 log = logging.getLogger(__name__)
 
 
-def compile_options(device: torch.device) -> dict:
-    """Inductor's options: frozen, autotuned weights on CPU; CUDA graphs on a GPU (launch-bound steps).
-    Autotuning reports stay in inductor's logs instead of stderr."""
-    quiet = {"max_autotune": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-    if device.type == "cuda":
-        return {**quiet, "triton.cudagraphs": True}
-    return {**quiet, "freezing": True}
+# Inductor's options: frozen, autotuned weights; autotuning reports stay in inductor's logs, not stderr
+COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0,
+                   "max_autotune_report_choices_stats": False}
 
 
 class CompiledWhisper:
-    """A ``Whisper`` whose ``decode`` and ``encode`` run compiled graphs where the shapes allow.
+    """A ``Whisper`` whose ``decode`` and ``encode`` run compiled graphs where the shapes allow (on a GPU:
+    ``decode`` through captured CUDA graphs, ``encode`` eager).
 
     It offers the interface the engine uses (``decode``, ``encode``, ``cross_kv``, caches, ``dims``);
     ``eager`` is the wrapped module, for code that hooks into its layers.
     """
 
-    def __init__(self, model: Whisper):
+    def __init__(self, model: Whisper, graphs: bool | None = None):
+        """``graphs``: decode through ``StepGraphs`` with an eager encoder instead of compiling; by default on a
+        GPU only (on a CPU it runs the same steps uncaptured: how the tests check the GPU path's plumbing)."""
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         self.eager = model.eval()
-        # inductor reads these while compiling, which happens inside a call; freezing only takes effect
-        # when set in the global config during the call (an ``options=`` dict leaves the weights unfrozen)
-        self._options = compile_options(model.device)
+        # on a GPU: captured graphs of the eager step; the encoder's large products gain nothing from either
+        graphs = model.device.type == "cuda" if graphs is None else graphs
+        self.graphs = StepGraphs(self._run_flat, model.device) if graphs else None
         self._one_token = torch.compile(self._run_one_token, dynamic=False)
         self._any_shape = torch.compile(self._run_any_shape, dynamic=True)
         # dynamic shapes: inductor then packs the linears for oneDNN, not MKL (with static shapes it takes
         # MKL for fp32), and oneDNN runs these 1500-row products 2.3x faster here (~500 against ~215 GFLOP/s)
-        self._encoder = torch.compile(model.encoder, dynamic=True)
-        self._cross_kv = torch.compile(model.cross_kv, dynamic=True)
+        self._encoder = torch.compile(model.encoder, dynamic=True) if self.graphs is None else model.encoder
+        self._cross_kv = torch.compile(model.cross_kv, dynamic=True) if self.graphs is None else model.cross_kv
         self.compiled: dict[tuple, float] = {}  # each shape compiled so far -> seconds its first call took
         self.calls: Counter[tuple[int, int]] = Counter()  # compiled decode calls per (rows, tokens)
         self.eager_calls = 0  # decode calls no compiled graph serves
@@ -149,10 +151,13 @@ class CompiledWhisper:
         step = step_inputs(starts, n, tree_mask, depths, cache.capacity, cache.frames(rows), frames, self.device)
         block = slice(rows[0], rows[0] + batch)
         view = [[t[block] for t in tensors] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v)]
-        graph = self._one_token if (batch, n) == (1, 1) else self._any_shape
-        key = ("decode", min(batch, 2), min(n, 2), frames)  # the graph it runs: sizes of 1 are specialised
-        logits = self._first_call(key, lambda: graph(tokens.to(self.device, non_blocking=True), step.positions,
-                                                     step.slots, step.mask, step.audio_mask, *view))
+        inputs = (tokens.to(self.device, non_blocking=True), step.positions, step.slots, step.mask, step.audio_mask)
+        if self.graphs is not None:
+            logits = self.graphs(inputs, [t for tensors in view for t in tensors])
+        else:
+            graph = self._one_token if (batch, n) == (1, 1) else self._any_shape
+            key = ("decode", min(batch, 2), min(n, 2), frames)  # the graph it runs: sizes of 1 are specialised
+            logits = self._first_call(key, lambda: graph(*inputs, *view))
         cache.advance(rows, n)
         self.calls[(batch, n)] += 1
         return logits
@@ -165,6 +170,13 @@ class CompiledWhisper:
         """Compiled with dynamic rows and tokens: verification passes, batches, prefixes."""
         return self._run_decoder(*inputs)
 
+    def _run_flat(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                  audio_mask: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        """The step as a function of tensors alone (what ``StepGraphs`` captures): K/V of each layer in turn."""
+        n = self.dims.decoder_layers
+        return self._run_decoder(tokens, positions, slots, mask, audio_mask,
+                                 *(list(kv[i * n : (i + 1) * n]) for i in range(4)))
+
     def _run_decoder(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                      audio_mask: torch.Tensor, self_k: list[torch.Tensor], self_v: list[torch.Tensor],
                      cross_k: list[torch.Tensor], cross_v: list[torch.Tensor]) -> torch.Tensor:
@@ -174,7 +186,11 @@ class CompiledWhisper:
 
     def _first_call(self, key: tuple, call: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run ``call``; the first time for ``key`` (a compilation), log and keep how long it took."""
-        with torch._inductor.config.patch(self._options):
+        if self.graphs is not None:  # nothing is compiled on a GPU
+            return call()
+        # inductor reads these while compiling, which happens inside a call; freezing only takes effect
+        # when set in the global config during the call (an ``options=`` dict leaves the weights unfrozen)
+        with torch._inductor.config.patch(COMPILE_OPTIONS):
             if key in self.compiled:
                 return call()
             began = time.perf_counter()

@@ -7,8 +7,10 @@ faster keeps the output exact and only changes how often drafts are accepted:
 - dynamic int8 quantisation of the decoder's linear layers (and that output layer) on CPU;
 - the encoder may run on the unpadded audio (see ``encode``), and compiled;
 - with ``compile``, the one-token step (what every greedy draft step is) runs as one frozen TorchScript
-  graph: inductor does not compile int8 dynamic-quantised linears into a graph, and in eager mode the
-  step pays more for Python dispatch than for arithmetic (alone, 2 threads: ~0.85 ms against ~1.45 ms).
+  graph on a CPU: inductor does not compile int8 dynamic-quantised linears into a graph, and in eager
+  mode the step pays more for Python dispatch than for arithmetic (alone, 2 threads: ~0.85 ms against
+  ~1.45 ms). On a GPU, where an eager step is launch-bound, every call over a block of rows (greedy
+  steps, catch-up passes, branches) is replayed as a captured CUDA graph (``StepGraphs``).
 """
 
 from __future__ import annotations
@@ -23,16 +25,20 @@ from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import Suppression
+from specasr_vllm.models.step_graphs import StepGraphs
 from specasr_vllm.models.whisper import StepInputs, Whisper, step_inputs
 
 
 class DraftModel:
-    def __init__(self, asr: ASRModel, config: SpecConfig, compile: bool = False):
-        """``compile``: the encoder runs as a compiled graph for any audio length (``CompiledWhisper``), and on
-        CPU one row's one-token decoder step as a frozen TorchScript graph (``choices``); other calls stay eager."""
+    def __init__(self, asr: ASRModel, config: SpecConfig, compile: bool = False, graphs: bool | None = None):
+        """``compile``: the encoder runs as a compiled graph for any audio length (``CompiledWhisper``, eager on
+        a GPU); on a CPU one row's one-token decoder step runs as a frozen TorchScript graph, on a GPU every
+        call over a block of rows as a CUDA graph (``choices``); other calls stay eager. ``graphs`` overrides
+        the device's choice of the latter (on a CPU: the same steps uncaptured, how tests check them)."""
         self.asr = asr
         self.model = asr.model
-        self._encoder = CompiledWhisper(asr.model) if compile else asr.model
+        graphs = compile and asr.model.device.type == "cuda" if graphs is None else graphs
+        self._encoder = CompiledWhisper(asr.model, graphs) if compile or graphs else asr.model
         tok = asr.tokenizer
         vocab = self.model.dims.vocab_size
         weight = self.model.decoder.embed_tokens.weight
@@ -51,9 +57,11 @@ class DraftModel:
                 self.head = quantize(nn.Sequential(self.head), {nn.Linear}, dtype=torch.qint8)
         rules = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)  # Whisper's, in one place
         self.suppress, self.begin_suppress = rules.suppress[self.ids], rules.begin_suppress[self.ids]
-        self._graph_step = compile and device.type == "cpu"
+        self._graph_step = compile and not graphs
         self._step: torch.jit.ScriptModule | None = None  # traced at the first one-row, one-token step
-        self.graph_calls = 0  # one-token steps served by the graph
+        self.graph_calls = 0  # one-token steps served by the TorchScript graph
+        self.graphs = StepGraphs(_DraftStep(self.model, self.head, self.suppress, self.begin_suppress, self.ids),
+                                 device) if graphs else None
 
     @property
     def device(self) -> torch.device:
@@ -71,8 +79,7 @@ class DraftModel:
     def decode(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None = None,
                depths: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities over the draft's output ids, Whisper's suppression applied (not begin rules)."""
-        logits = self.model.decode(tokens, cache, rows, tree_mask, depths, head=self.head)
-        return torch.log_softmax(logits.float().masked_fill(self.suppress, float("-inf")), dim=-1)
+        return _log_probs(self.model.decode(tokens, cache, rows, tree_mask, depths, head=self.head), self.suppress)
 
     def choices(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor,
                 depths: torch.Tensor, begin: dict[int, int]) -> torch.Tensor:
@@ -81,10 +88,32 @@ class DraftModel:
         begin rules apply at row ``b``'s new token ``i``. Each row's cache grows by ``n`` (as ``decode``)."""
         if self._graph_step and tokens.shape == (1, 1) and not begin:
             return self._one_token(tokens, cache, rows[0])
-        logp = self.decode(tokens, cache, rows, tree_mask, depths)
-        for b, i in begin.items():
-            logp[b, i] = logp[b, i].masked_fill(self.begin_suppress, float("-inf"))
-        return _top2(logp, self.ids).cpu()
+        batch, n = tokens.shape
+        at_begin = torch.zeros(batch, n, dtype=torch.bool, device="cpu" if begin else self.device)
+        if begin:
+            for b, i in begin.items():
+                at_begin[b, i] = True
+            at_begin = at_begin.to(self.device, non_blocking=True)
+        if self.graphs is not None and rows == list(range(rows[0], rows[0] + batch)):
+            return self._replay(tokens, cache, rows, tree_mask, depths, at_begin)
+        logits = self.model.decode(tokens, cache, rows, tree_mask, depths, head=self.head)
+        return _choose(logits, self.suppress, self.begin_suppress, at_begin, self.ids).cpu()
+
+    def _replay(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor,
+                depths: torch.Tensor, at_begin: torch.Tensor) -> torch.Tensor:
+        """``choices`` through a captured graph of the whole step (decoder, head, suppression, top two) over a
+        ``FixedView`` of the block of rows: its shapes depend only on the rows and new tokens."""
+        batch, n = tokens.shape
+        if max(cache.lengths(rows)) + n > cache.capacity:
+            raise ValueError(f"decoder positions exceed {cache.capacity}")
+        step = step_inputs(cache.lengths(rows), n, tree_mask, depths, cache.capacity, cache.frames(rows),
+                           cache.cross_k[0].shape[2], self.device)
+        block = slice(rows[0], rows[0] + batch)
+        kv = [t[block] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
+        out = self.graphs((tokens.to(self.device, non_blocking=True), step.positions, step.slots, step.mask,
+                           step.audio_mask, at_begin), kv)
+        cache.advance(rows, n)
+        return out.cpu()
 
     @torch.no_grad()
     def _one_token(self, tokens: torch.Tensor, cache: DecoderCache, row: int) -> torch.Tensor:
@@ -95,9 +124,10 @@ class DraftModel:
         step = step_inputs(cache.lengths([row]), 1, None, None, cache.capacity, cache.frames([row]),
                            cache.cross_k[0].shape[2], self.device)
         kv = [t[row : row + 1] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
-        inputs = (tokens.to(self.device), step.positions, step.slots, step.mask, step.audio_mask, *kv)
+        at_begin = torch.zeros(1, 1, dtype=torch.bool, device=self.device)
+        inputs = (tokens.to(self.device), step.positions, step.slots, step.mask, step.audio_mask, at_begin, *kv)
         if self._step is None:
-            module = _DraftStep(self.model, self.head, self.suppress, self.ids).eval()
+            module = _DraftStep(self.model, self.head, self.suppress, self.begin_suppress, self.ids).eval()
             with warnings.catch_warnings():  # the tracer warns about Python values it records as constants
                 warnings.simplefilter("ignore")
                 self._step = torch.jit.freeze(torch.jit.trace(module, inputs, check_trace=False))
@@ -107,8 +137,16 @@ class DraftModel:
         return out.cpu()
 
 
-def _top2(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(2, batch, n, 2): the two best output indices mapped to token ids (as floats), and their probabilities."""
+def _log_probs(logits: torch.Tensor, suppress: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float().masked_fill(suppress, float("-inf")), dim=-1)
+
+
+def _choose(logits: torch.Tensor, suppress: torch.Tensor, begin_suppress: torch.Tensor, at_begin: torch.Tensor,
+            ids: torch.Tensor) -> torch.Tensor:
+    """(2, batch, n, 2): the two best output indices mapped to token ids (as floats), and their probabilities,
+    under Whisper's suppression (``begin_suppress`` too where ``at_begin``, after the softmax, as the target's
+    rules do)."""
+    logp = _log_probs(logits, suppress).masked_fill(at_begin[..., None] & begin_suppress, float("-inf"))
     values, index = logp.topk(2, dim=-1)
     return torch.stack([ids[index].to(values.dtype), values.exp()])
 
@@ -117,16 +155,18 @@ class _DraftStep(nn.Module):
     """One draft step as a module of plain tensors (what TorchScript traces): decoder over a ``FixedView``,
     the draft's head and suppression, and the top two choices."""
 
-    def __init__(self, model: Whisper, head: nn.Module, suppress: torch.Tensor, ids: torch.Tensor):
+    def __init__(self, model: Whisper, head: nn.Module, suppress: torch.Tensor, begin_suppress: torch.Tensor,
+                 ids: torch.Tensor):
         super().__init__()
         self.model, self.head = model, head
         self.register_buffer("suppress", suppress)
+        self.register_buffer("begin_suppress", begin_suppress)
         self.register_buffer("ids", ids)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
-                audio_mask: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+                audio_mask: torch.Tensor, at_begin: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
         n = self.model.dims.decoder_layers
         view = FixedView(list(kv[:n]), list(kv[n : 2 * n]), list(kv[2 * n : 3 * n]), list(kv[3 * n :]))
         logits = self.model.run_decoder(tokens, StepInputs(positions, slots, mask, audio_mask, kv[0].shape[2]), view,
                                         self.head)
-        return _top2(torch.log_softmax(logits.float().masked_fill(self.suppress, float("-inf")), dim=-1), self.ids)
+        return _choose(logits, self.suppress, self.begin_suppress, at_begin, self.ids)

@@ -1,0 +1,127 @@
+"""The GPU's decoder steps (``models/step_graphs.py``): what a captured graph replays, run uncaptured on a CPU.
+
+A CPU has nothing to capture, so these tests check the plumbing a graph relies on: the per-call inputs
+copied into the graph's own buffers, the cache read and written in place through a ``FixedView`` of a
+block of rows, one graph per shape and cache address, the draft's whole step (head, suppression, begin
+rules, top two) as one function of tensors, and the decoding they make on real speech. The capture
+itself is checked on a GPU (``benchmarks/gpu_check.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import make_random_hf_dir
+
+from specasr_vllm.config import EngineConfig, SpecConfig
+from specasr_vllm.engine import Transcriber
+from specasr_vllm.models.compiled import CompiledWhisper
+from specasr_vllm.models.loading import load_whisper
+from specasr_vllm.speculation import Drafter
+from specasr_vllm.speculation.bridge import make_bridge
+from specasr_vllm.speculation.draft_model import DraftModel
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, base_dir):
+    """A small random Whisper, eager and through step graphs, and a random audio encoding of 3 rows."""
+    eager = load_whisper(make_random_hf_dir(tmp_path_factory.mktemp("rand"), base_dir, d_model=64, heads=2))
+    torch.manual_seed(3)
+    return eager, CompiledWhisper(eager, graphs=True), eager.encode(torch.randn(3, eager.dims.n_mels, 3000))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert (a - b).abs().max() < TOL
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_graphed_steps_decode_like_eager_and_reuse_one_graph_per_shape(pair):
+    eager, graphed, features = pair
+    ref, cache = (eager.new_cache(features) for _ in range(2))
+    tokens = torch.randint(0, 50000, (3, 12))
+    _close(graphed.decode(tokens[:, :5], cache), eager.decode(tokens[:, :5], ref))  # a prefix of 3 rows
+    for i in range(5, 8):  # one-token steps of 3 rows: one graph
+        _close(graphed.decode(tokens[:, i : i + 1], cache), eager.decode(tokens[:, i : i + 1], ref))
+    cache.set_length(1, 4)  # a row that accepted less, then every row rolled back to one block
+    ref.set_length(1, 4)
+    _close(graphed.decode(tokens[:, 8:], cache), eager.decode(tokens[:, 8:], ref))
+    assert cache.lengths([0, 1, 2]) == ref.lengths([0, 1, 2]) == [12, 8, 12]
+    _close(graphed.decode(tokens[:1, :1], cache, [0]), eager.decode(tokens[:1, :1], ref, [0]))  # one row
+    assert len(graphed.graphs) == 4 and graphed.graphs.calls == 6 and graphed.eager_calls == 0
+    # a tree over one row: its mask and depths are inputs like any other
+    mask = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
+    depths = torch.tensor([[0, 1, 1]])
+    _close(graphed.decode(tokens[2:, :3], cache, [2], mask, depths), eager.decode(tokens[2:, :3], ref, [2], mask, depths))
+    # what the graphs wrote is what the eager module reads next
+    _close(eager.decode(tokens[:, :1], cache), eager.decode(tokens[:, :1], ref))
+
+
+def test_a_reallocated_cache_gets_its_own_graphs(pair):
+    eager, graphed, features = pair
+    ref, cache = eager.empty_cache(1), eager.empty_cache(1)
+    for c in (ref, cache):
+        c.claim(*eager.cross_kv(features[:1]))
+    token = torch.tensor([[7]])
+    _close(graphed.decode(token, cache, [0]), eager.decode(token, ref, [0]))
+    before = len(graphed.graphs)
+    for c in (ref, cache):  # a second request: the pool doubles, every tensor moves
+        c.claim(*eager.cross_kv(features[1:2]))
+    _close(graphed.decode(token, cache, [0]), eager.decode(token, ref, [0]))
+    _close(graphed.decode(token, cache, [1]), eager.decode(token, ref, [1]))  # the same shape, another row
+    assert len(graphed.graphs) == before + 2
+
+
+def test_the_draft_step_through_graphs_chooses_like_the_eager_draft(tiny_en):
+    """Greedy steps, a catch-up pass with Whisper's begin rules at its last token, and several rows with audio
+    of different lengths: the same two best ids and probabilities as the eager draft."""
+    config = SpecConfig(draft_int8=False)
+    graphed, eager = DraftModel(tiny_en, config, graphs=True), DraftModel(tiny_en, config)
+    torch.manual_seed(5)
+    features = [eager.model.encode(torch.randn(1, tiny_en.n_mels, frames)) for frames in (600, 1000)]
+    caches = [graphed.empty_cache(1), eager.empty_cache(1)]
+    for cache in caches:
+        cache.claim(*eager.cross_kv(features[0]))
+
+    def step(tokens: torch.Tensor, rows: list[int], begin: dict[int, int]) -> None:
+        batch, n = tokens.shape
+        mask = torch.ones(n, n, dtype=torch.bool).tril().expand(batch, n, n)
+        depths = torch.arange(n).expand(batch, n)
+        a = graphed.choices(tokens, caches[0], rows, mask, depths, begin)
+        b = eager.choices(tokens, caches[1], rows, mask, depths, begin)
+        assert torch.equal(a[0], b[0])
+        assert (a[1] - b[1]).abs().max() < 1e-4
+        assert caches[0].lengths(rows) == caches[1].lengths(rows)
+
+    step(torch.tensor([[50257, 50362, 464]]), [0], {0: 2})  # a prefix whose last token starts the text
+    for token in (220, 1029, 50):
+        step(torch.tensor([[token]]), [0], {})
+    for cache in caches:  # a second row with longer audio: the cache's frames grow
+        cache.claim(*eager.cross_kv(features[1]))
+        cache.set_length(0, 5)
+    step(torch.tensor([[50257, 50362]]), [1], {0: 1})
+    for token in (400, 13):
+        step(torch.full((2, 1), token), [0, 1], {})
+    assert graphed.graphs.calls == 7 and len(graphed.graphs) == 4  # 3 tokens, 1, then 2 and 2 rows on the new cache
+
+
+def test_specasr_through_step_graphs_emits_eager_ar_tokens_on_dev_files(base, tiny_en, manifest, dev_audio):
+    """The decoding the GPU path makes, on real speech: target verification passes and the draft's steps
+    through step graphs, the same tokens as eager AR."""
+    entries = [e for e in manifest if e.language == "en" and e.duration <= 30][:2]
+    audios = [dev_audio[e.id] for e in entries]
+    reference = [t.tokens for t in Transcriber(EngineConfig(method="ar", batch_size=1, compile=False),
+                                               target=base).transcribe(audios, language="en")]
+    target = dataclasses.replace(base, model=CompiledWhisper(base.model, graphs=True))
+    spec = Transcriber(EngineConfig(method="specasr", batch_size=1, compile=False), target=target)
+    config = spec.config.spec
+    spec.drafter = Drafter(DraftModel(tiny_en, config, graphs=True), make_bridge(base.tokenizer, tiny_en.tokenizer),
+                           config, base.tokenizer.eot, base.tokenizer.timestamp_begin)
+    out = spec.transcribe(audios, language="en")
+    assert [t.tokens for t in out] == reference
+    assert sum(t.stats.accepted_tokens for t in out) > 0
+    assert target.model.eager_calls == 0 and any(n >= 8 for _, n in target.model.calls)
+    assert spec.drafter.draft.graphs.calls > 0
