@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,48 +28,13 @@ from typing import Self
 import torch
 
 from benchmarks.run import RESULTS, machine
+from benchmarks.steps import alone
 from specasr_vllm.audio import decode_audio
 from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, EngineConfig, SpecConfig, default_manifest
 from specasr_vllm.engine import Transcriber
 from specasr_vllm.evaluation import read_manifest
 from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.registry import load_model
-from specasr_vllm.speculation.draft_model import DraftModel
-
-CONTEXT = 30  # cached tokens before the timed call
-
-
-def _median_ms(call: Callable[[], object], reps: int, reset: Callable[[], None] = lambda: None) -> float:
-    times = []
-    for _ in range(reps + 2):  # the first two calls warm caches and allocations
-        reset()
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:]) * 1e3
-
-
-def alone(model, draft: DraftModel | None, reps: int) -> dict[str, float]:
-    """Isolated costs (ms) of one model (eager ``Whisper`` or ``CompiledWhisper``) and the draft."""
-    d = model.dims
-    mel = torch.randn(1, d.n_mels, 2 * d.max_source_positions)
-    out = {"encoder": _median_ms(lambda: model.encode(mel), max(reps // 6, 3))}
-    cache = model.new_cache(model.encode(mel))
-    model.decode(torch.randint(0, 50000, (1, CONTEXT)), cache)
-    reset = lambda: cache.set_length(0, CONTEXT)
-    for n, name in ((1, "target_step"), (8, "verify_8"), (16, "verify_16")):
-        tokens = torch.randint(0, 50000, (1, n))
-        out[name] = _median_ms(lambda t=tokens: model.decode(t, cache), reps, reset)
-    if draft is not None:
-        dcache = draft.empty_cache(1)
-        dcache.claim(*draft.cross_kv(draft.encode(mel)))
-        draft.decode(torch.randint(0, 16000, (1, CONTEXT)), dcache, [0])
-        step, mask = torch.randint(0, 16000, (1, 1)), torch.ones(1, 1, 1, dtype=torch.bool)
-        depths = torch.zeros(1, 1, dtype=torch.long)
-        # what a greedy draft step is in the loop: the step, the two best choices, the copy to the host
-        out["draft_step"] = _median_ms(lambda: draft.choices(step, dcache, [0], mask, depths, {}), reps,
-                                       lambda: dcache.set_length(0, CONTEXT))
-    return out
 
 
 class _Timer:

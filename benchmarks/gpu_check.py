@@ -1,12 +1,15 @@
-"""The GPU check in one command: every method on the dev set on CUDA, time, ratio to AR and token identity.
+"""The GPU check in one command: each method on the dev set on CUDA, eager and with CUDA-graph steps, time,
+ratio to AR and token identity.
 
-    python -m benchmarks.gpu_check                                   # whisper-base + tiny.en, cuda, fp32 and fp16
-    python -m benchmarks.gpu_check --dtypes float16 --limit 16 --json results.json
+    python -m benchmarks.gpu_check                        # whisper-base + tiny.en, fp32 and fp16, eager and graphs
+    python -m benchmarks.gpu_check --dtypes float16 --batch-sizes 1,16 --components --json results.json
 
-Loads the target and the draft once per dtype, then runs ``ar``, ``sd`` and ``specasr`` (batch 1, the
-embedded engine) over the English dev files, each method after one warm-up file, and prints per method
-and dtype: seconds, speedup over AR, tokens per second and how many files are token-identical to AR.
-Identity is checked against AR in the same dtype (fp16 and fp32 may legitimately differ from each other).
+Loads the target and the draft once per dtype, then for each mode (``eager`` modules, or ``graphs``: the
+decoder steps of target and draft replayed as captured CUDA graphs, the engine's default on a GPU), batch
+size and method (``ar``, ``specasr``, ``sd``) transcribes the English dev files after one warm-up call,
+and prints per row: seconds, speedup over the dtype's first row (AR, first mode, first batch size),
+tokens per second, graphs captured and how many files are token-identical to that first row (fp16 and
+fp32 may legitimately differ from each other). ``--components`` also times the steps alone per mode.
 
 ``--save-audio F.npz`` decodes the dev files to 16 kHz int16 once (on a machine with PyAV), and
 ``--audio F.npz`` reads them back, for GPU machines without an audio decoder.
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, METHODS, EngineConfig, SpecConfig, default_manifest
+from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, EngineConfig, SpecConfig, default_manifest
 
 
 def load_audio(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
@@ -43,37 +48,64 @@ def save_audio(items: list[tuple[str, np.ndarray]], path: str) -> None:
     np.savez_compressed(path, **{name: (np.clip(a, -1, 1) * 32767).astype(np.int16) for name, a in items})
 
 
-def run_dtype(dtype: str, args: argparse.Namespace, items: list[tuple[str, np.ndarray]]) -> list[dict]:
+def run_dtype(dtype: str, args: argparse.Namespace, items: list[tuple[str, np.ndarray]]) -> tuple[list[dict], dict]:
+    """Every (mode, batch size, method) for one dtype: rows of the table, and the components alone per mode."""
+    from benchmarks.steps import alone
     from specasr_vllm.engine import Transcriber
+    from specasr_vllm.models.compiled import CompiledWhisper
     from specasr_vllm.models.registry import load_model
+    from specasr_vllm.speculation.draft_model import DraftModel
 
     target = load_model(args.model, args.device, getattr(torch, dtype))
     draft = load_model(args.draft, args.device, getattr(torch, dtype))
-    rows, reference = [], None
-    for method in args.methods:
-        config = EngineConfig(method=method, device=args.device, dtype=dtype, batch_size=1,
-                              spec=SpecConfig.for_method(method))
-        engine = Transcriber(config, target=target, draft=draft if method != "ar" else None)
-        engine.transcribe([items[0][1]], language="en")  # warm-up: kernels, allocator, calibration
-        tokens, seconds, decode = [], 0.0, 0.0
-        for _, audio in items:
-            _sync(args.device)
-            t0 = time.perf_counter()
-            out = engine.transcribe([audio], language="en")[0]
-            _sync(args.device)
-            seconds += time.perf_counter() - t0
-            decode += out.timings["decode"]
-            tokens.append(out.tokens)
-        if method == "ar":
-            reference = tokens
-        same = sum(a == b for a, b in zip(tokens, reference)) if reference is not None else None
-        rows.append({"dtype": dtype, "method": method, "files": len(items), "seconds": round(seconds, 3),
-                     "decode_seconds": round(decode, 3), "tokens": sum(map(len, tokens)), "identical": same})
-    ar = next((r for r in rows if r["method"] == "ar"), None)
+    rows, reference, components = [], None, {}
+    for mode in args.modes:
+        graphs = mode == "graphs"
+        if args.components:
+            model = CompiledWhisper(target.model) if graphs else target.model
+            try:
+                components[mode] = alone(model, DraftModel(draft, SpecConfig(), compile=graphs), args.reps)
+            except Exception:  # noqa: BLE001
+                print(f"{dtype} {mode} components failed:\n{traceback.format_exc()}", flush=True)
+        for batch in args.batch_sizes:
+            ar_tokens = None
+            for method in args.methods:
+                config = EngineConfig(method=method, device=args.device, dtype=dtype, batch_size=batch, compile=graphs,
+                                      spec=SpecConfig.for_method(method, max_batch=max(args.max_batch, 1)))
+                try:  # a failure (a graph that would not capture, say) is reported and the other rows still run
+                    engine = Transcriber(config, target=target, draft=draft if method != "ar" else None)
+                    tokens, seconds, decode = _timed(engine, items, batch)
+                except Exception:  # noqa: BLE001
+                    print(f"{dtype} {mode} batch {batch} {method} failed:\n{traceback.format_exc()}", flush=True)
+                    continue
+                reference = reference or tokens  # the first row: AR at the first mode and batch size
+                ar_tokens = ar_tokens or tokens  # AR at this mode and batch size
+                rows.append({"dtype": dtype, "mode": mode, "batch": batch, "method": method, "files": len(items),
+                             "seconds": round(seconds, 3), "decode_seconds": round(decode, 3),
+                             "tokens": sum(map(len, tokens)), "identical": sum(map(operator.eq, tokens, reference)),
+                             "identical_to_ar_here": sum(map(operator.eq, tokens, ar_tokens)),
+                             "graphs": len(getattr(engine.target.model, "graphs", None) or ())})
+    ar = rows[0] if rows else None
     for row in rows:
-        row["x_ar"] = round(ar["seconds"] / row["seconds"], 3) if ar else None
-        row["decode_x_ar"] = round(ar["decode_seconds"] / row["decode_seconds"], 3) if ar else None
-    return rows
+        row["x_ar"] = round(ar["seconds"] / row["seconds"], 3)
+        row["decode_x_ar"] = round(ar["decode_seconds"] / row["decode_seconds"], 3)
+    return rows, components
+
+
+def _timed(engine, items: list[tuple[str, np.ndarray]], batch: int) -> tuple[list[list[int]], float, float]:
+    """Tokens per file, seconds and decode seconds: one file per call at batch 1, else all files in one call
+    (the engine decodes them ``batch`` windows at a time); after one warm-up call of as many files."""
+    audios = [audio for _, audio in items]
+    engine.transcribe(audios[:batch], language="en")  # warm-up: kernels, graphs, allocator, calibration
+    _sync(engine.config.device)
+    t0 = time.perf_counter()
+    outs = [engine.transcribe([a], language="en")[0] for a in audios] if batch == 1 else \
+        engine.transcribe(audios, language="en")
+    _sync(engine.config.device)
+    seconds = time.perf_counter() - t0
+    # a file's timings are those of the batches it was in; ``totals`` counts each batch once, over the last call
+    decode = sum(o.timings["decode"] for o in outs) if batch == 1 else engine.totals["decode"]
+    return [o.tokens for o in outs], seconds, decode
 
 
 def _sync(device: str) -> None:
@@ -87,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft", default=DEFAULT_DRAFT)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtypes", default="float32,float16")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default="ar,specasr")
+    p.add_argument("--modes", default="eager,graphs", help="eager modules, and/or decoder steps as CUDA graphs")
+    p.add_argument("--batch-sizes", default="1", help="e.g. 1,16: at B > 1 the engine decodes B windows at once")
+    p.add_argument("--max-batch", type=int, default=SpecConfig.max_batch,
+                   help="SpecASR drafts for batches of at most this many windows (SpecConfig.max_batch)")
+    p.add_argument("--components", action="store_true", help="also time the steps alone (ms, medians)")
+    p.add_argument("--reps", type=int, default=30)
     p.add_argument("--manifest", default=str(default_manifest()))
     p.add_argument("--max-duration", type=float, default=30.0, help="only files at most this long (s)")
     p.add_argument("--limit", type=int, default=None)
@@ -96,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")
+    args.modes = args.modes.split(",")
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if "ar" not in args.methods:
         p.error("--methods must include ar (identity and speedups are measured against it)")
+    args.methods = ["ar"] + [m for m in args.methods if m != "ar"]  # AR first: the reference of every row
     items = load_audio(args)
     if args.save_audio:
         save_audio(items, args.save_audio)
@@ -106,15 +147,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
-    print(f"{len(items)} files, {sum(len(a) for _, a in items) / 16000:.1f} s of audio, {name}, torch {torch.__version__}")
-    rows = [row for dtype in args.dtypes.split(",") for row in run_dtype(dtype, args, items)]
-    print(f"{'dtype':8} {'method':8} {'seconds':>8} {'x AR':>6} {'decode s':>9} {'dec x AR':>8} {'tok/s':>7} identical")
+    print(f"{len(items)} files, {sum(len(a) for _, a in items) / 16000:.1f} s of audio, {name}, torch {torch.__version__}",
+          flush=True)
+    rows, components = [], {}
+    for dtype in args.dtypes.split(","):
+        dtype_rows, components[dtype] = run_dtype(dtype, args, items)
+        rows += dtype_rows
+        print(table(dtype_rows, components[dtype]), flush=True)
+        if args.json:  # after each dtype: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps({"rows": rows, "components_ms": components}, indent=1))
+    return 0 if all(r["identical_to_ar_here"] == r["files"] for r in rows) else 1
+
+
+def table(rows: list[dict], components: dict) -> str:
+    """The rows as text (x AR: against the first row, AR at the first mode and batch size) and the components."""
+    header = (f"{'dtype':8} {'mode':7} {'batch':>5} {'method':8} {'seconds':>8} {'x AR':>6} {'decode s':>9} "
+              f"{'dec x AR':>8} {'tok/s':>7} {'graphs':>6} identical (to the first row, to AR here)")
+    lines = [header]
     for r in rows:
-        print(f"{r['dtype']:8} {r['method']:8} {r['seconds']:8.2f} {r['x_ar']:6.2f} {r['decode_seconds']:9.2f} "
-              f"{r['decode_x_ar']:8.2f} {r['tokens'] / r['seconds']:7.0f} {r['identical']}/{r['files']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0 if all(r["identical"] == r["files"] for r in rows) else 1
+        lines.append(f"{r['dtype']:8} {r['mode']:7} {r['batch']:5} {r['method']:8} {r['seconds']:8.2f} {r['x_ar']:6.2f} "
+                     f"{r['decode_seconds']:9.2f} {r['decode_x_ar']:8.2f} {r['tokens'] / r['seconds']:7.0f} "
+                     f"{r['graphs']:6} {r['identical']}/{r['files']}, {r['identical_to_ar_here']}/{r['files']}")
+    for mode, ms in components.items():
+        lines.append(f"{mode} steps alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""What a decoding step costs alone: the encoder, the target's one-token step and verification passes, the
+draft's step (medians, context of 30 tokens, one 30 s window; a GPU is waited for around each call).
+
+Its own module, with nothing but torch and the models behind it, so the GPU check can time steps on a
+machine without the audio and evaluation stack (``benchmarks/components.py`` adds the in-loop figures).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from specasr_vllm.speculation.draft_model import DraftModel
+
+CONTEXT = 30  # cached tokens before the timed call
+
+
+def _median_ms(call: Callable[[], object], reps: int, reset: Callable[[], None] = lambda: None,
+               sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``call``; ``sync`` waits for the device (a GPU's work is asynchronous)."""
+    times = []
+    for _ in range(reps + 2):  # the first two calls warm caches and allocations
+        reset()
+        sync()
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:]) * 1e3
+
+
+def alone(model, draft: DraftModel | None, reps: int) -> dict[str, float]:
+    """Isolated costs (ms) of one model (eager ``Whisper`` or ``CompiledWhisper``) and the draft."""
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
+    d = model.dims
+    mel = torch.randn(1, d.n_mels, 2 * d.max_source_positions)
+    out = {"encoder": _median_ms(lambda: model.encode(mel), max(reps // 6, 3), sync=sync)}
+    cache = model.new_cache(model.encode(mel))
+    model.decode(torch.randint(0, 50000, (1, CONTEXT)), cache)
+    reset = lambda: cache.set_length(0, CONTEXT)
+    for n, name in ((1, "target_step"), (8, "verify_8"), (16, "verify_16")):
+        tokens = torch.randint(0, 50000, (1, n))
+        out[name] = _median_ms(lambda t=tokens: model.decode(t, cache), reps, reset, sync)
+    if draft is not None:
+        dcache = draft.empty_cache(1)
+        dcache.claim(*draft.cross_kv(draft.encode(mel)))
+        draft.decode(torch.randint(0, 16000, (1, CONTEXT)), dcache, [0])
+        step, mask = torch.randint(0, 16000, (1, 1)), torch.ones(1, 1, 1, dtype=torch.bool)
+        depths = torch.zeros(1, 1, dtype=torch.long)
+        # what a greedy draft step is in the loop: the step, the two best choices, the copy to the host
+        out["draft_step"] = _median_ms(lambda: draft.choices(step, dcache, [0], mask, depths, {}), reps,
+                                       lambda: dcache.set_length(0, CONTEXT))
+    return out
