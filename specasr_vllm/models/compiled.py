@@ -144,23 +144,29 @@ class CompiledWhisper:
         if head is not None or rows != list(range(rows[0], rows[0] + batch)):
             self.eager_calls += 1
             return self.eager.decode(tokens, cache, rows, tree_mask, depths, head, fixed)
-        starts = cache.lengths(rows)
-        if max(starts) + n > cache.capacity:
-            raise ValueError(f"decoder positions exceed {cache.capacity}")
-        frames = cache.cross_k[0].shape[2]
-        step = step_inputs(starts, n, tree_mask, depths, cache.capacity, cache.frames(rows), frames, self.device)
-        block = slice(rows[0], rows[0] + batch)
-        view = [[t[block] for t in tensors] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v)]
-        inputs = (tokens.to(self.device, non_blocking=True), step.positions, step.slots, step.mask, step.audio_mask)
+        inputs, view = self.step_args(tokens, cache, rows, tree_mask, depths)
         if self.graphs is not None:
             logits = self.graphs(inputs, [t for tensors in view for t in tensors])
         else:
             graph = self._one_token if (batch, n) == (1, 1) else self._any_shape
-            key = ("decode", min(batch, 2), min(n, 2), frames)  # the graph it runs: sizes of 1 are specialised
+            key = ("decode", min(batch, 2), min(n, 2), view[2][0].shape[2])  # sizes of 1 are specialised
             logits = self._first_call(key, lambda: graph(*inputs, *view))
         cache.advance(rows, n)
         self.calls[(batch, n)] += 1
         return logits
+
+    def step_args(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None,
+                  depths: torch.Tensor | None) -> tuple[tuple[torch.Tensor, ...], list[list[torch.Tensor]]]:
+        """A fixed-shape step's inputs on the device (tokens, positions, slots, masks) and the block of cache
+        rows it reads and writes (self K, self V, cross K, cross V: a list of layers each)."""
+        starts, n = cache.lengths(rows), tokens.shape[1]
+        if max(starts) + n > cache.capacity:
+            raise ValueError(f"decoder positions exceed {cache.capacity}")
+        step = step_inputs(starts, n, tree_mask, depths, cache.capacity, cache.frames(rows), cache.cross_k[0].shape[2],
+                           self.device)
+        block = slice(rows[0], rows[0] + len(rows))
+        view = [[t[block] for t in tensors] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v)]
+        return (tokens.to(self.device, non_blocking=True), step.positions, step.slots, step.mask, step.audio_mask), view
 
     def _run_one_token(self, *inputs) -> torch.Tensor:
         """Compiled with static shapes: AR's step at batch 1, where inductor's GEMV kernels pay most."""

@@ -21,6 +21,7 @@ buffers directly, which is what the CPU tests exercise (the plumbing, not the ca
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -77,7 +78,16 @@ class StepGraphs:
             self.step(*captured.inputs, *state)
         torch.cuda.current_stream(self.device).wait_stream(side)
         captured.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured.graph, pool=self._pool):
-            captured.output = self.step(*captured.inputs, *state)
+        # no garbage collection while capturing: collecting an unreachable graph (an engine dropped earlier)
+        # destroys it, which is illegal during a capture and invalidates it (seen on an H200 as
+        # "operation not permitted when stream is capturing", then a failed cuBLAS call)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(captured.graph, pool=self._pool):
+                captured.output = self.step(*captured.inputs, *state)
+        finally:
+            if collecting:
+                gc.enable()
         self.captures += 1
         return captured
