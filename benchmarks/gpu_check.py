@@ -18,8 +18,11 @@ fp32 may legitimately differ from each other). ``--components`` also times the s
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import operator
+import pstats
 import time
 import traceback
 from pathlib import Path
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, EngineConfig, SpecConfig, default_manifest
+from specasr_vllm.speculation.stats import SpecStats
 
 
 def load_audio(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
@@ -74,7 +78,9 @@ def run_dtype(dtype: str, args: argparse.Namespace, items: list[tuple[str, np.nd
                                       spec=SpecConfig.for_method(method, max_batch=max(args.max_batch, 1)))
                 try:  # a failure (a graph that would not capture, say) is reported and the other rows still run
                     engine = Transcriber(config, target=target, draft=draft if method != "ar" else None)
-                    tokens, seconds, decode = _timed(engine, items, batch)
+                    tokens, seconds, decode, stats = _timed(engine, items, batch)
+                    if args.profile and graphs and batch == 1:
+                        print(f"{dtype} {mode} batch {batch} {method}: where the time goes\n{_profile(engine, items)}")
                 except Exception:  # noqa: BLE001
                     print(f"{dtype} {mode} batch {batch} {method} failed:\n{traceback.format_exc()}", flush=True)
                     continue
@@ -84,7 +90,8 @@ def run_dtype(dtype: str, args: argparse.Namespace, items: list[tuple[str, np.nd
                              "seconds": round(seconds, 3), "decode_seconds": round(decode, 3),
                              "tokens": sum(map(len, tokens)), "identical": sum(map(operator.eq, tokens, reference)),
                              "identical_to_ar_here": sum(map(operator.eq, tokens, ar_tokens)),
-                             "graphs": len(getattr(engine.target.model, "graphs", None) or ())})
+                             **stats,
+                             "graphs": _graphs(engine)})
     ar = rows[0] if rows else None
     for row in rows:
         row["x_ar"] = round(ar["seconds"] / row["seconds"], 3)
@@ -92,11 +99,13 @@ def run_dtype(dtype: str, args: argparse.Namespace, items: list[tuple[str, np.nd
     return rows, components
 
 
-def _timed(engine, items: list[tuple[str, np.ndarray]], batch: int) -> tuple[list[list[int]], float, float]:
+def _timed(engine, items: list[tuple[str, np.ndarray]], batch: int) -> tuple[list[list[int]], float, float, dict]:
     """Tokens per file, seconds and decode seconds: one file per call at batch 1, else all files in one call
     (the engine decodes them ``batch`` windows at a time); after one warm-up call of as many files."""
     audios = [audio for _, audio in items]
-    engine.transcribe(audios[:batch], language="en")  # warm-up: kernels, graphs, allocator, calibration
+    warm = engine.warm()  # compiled or captured steps, as a server does before it serves
+    engine.transcribe(audios[:batch], language="en")  # warm-up: kernels, allocator, calibration
+    graphs = _graphs(engine)
     _sync(engine.config.device)
     t0 = time.perf_counter()
     outs = [engine.transcribe([a], language="en")[0] for a in audios] if batch == 1 else \
@@ -105,7 +114,34 @@ def _timed(engine, items: list[tuple[str, np.ndarray]], batch: int) -> tuple[lis
     seconds = time.perf_counter() - t0
     # a file's timings are those of the batches it was in; ``totals`` counts each batch once, over the last call
     decode = sum(o.timings["decode"] for o in outs) if batch == 1 else engine.totals["decode"]
-    return [o.tokens for o in outs], seconds, decode
+    total = SpecStats()
+    for out in outs:
+        total.merge(out.stats)
+    stats = {"tokens_per_pass": round(total.output_tokens / max(total.target_passes, 1), 2),
+             "draft_steps_per_pass": round(total.draft_steps / max(total.target_passes, 1), 2),
+             "accepted_of_drafted": round(total.accepted_tokens / max(total.drafted_tokens, 1), 3),
+             "files_fallen_back": sum(out.stats.fallback is not None for out in outs),
+             "warm_seconds": round(warm, 2), "captured_while_timed": _graphs(engine) - graphs}
+    return [o.tokens for o in outs], seconds, decode, stats
+
+
+def _graphs(engine) -> int:
+    """Step graphs the engine holds (target and draft): captured so far."""
+    models = [engine.target.model] + ([engine.drafter.draft] if engine.drafter else [])
+    return sum(len(getattr(m, "graphs", None) or ()) for m in models)
+
+
+def _profile(engine, items: list[tuple[str, np.ndarray]], files: int = 8, lines: int = 25) -> str:
+    """cProfile of transcribing the first ``files`` files again: the functions with the most own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _, audio in items[:files]:
+        engine.transcribe([audio], language="en")
+    _sync(engine.config.device)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(lines)
+    return out.getvalue()
 
 
 def _sync(device: str) -> None:
@@ -126,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="SpecASR drafts for batches of at most this many windows (SpecConfig.max_batch)")
     p.add_argument("--components", action="store_true", help="also time the steps alone (ms, medians)")
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--profile", action="store_true", help="cProfile 8 files per graphs row at batch 1")
     p.add_argument("--manifest", default=str(default_manifest()))
     p.add_argument("--max-duration", type=float, default=30.0, help="only files at most this long (s)")
     p.add_argument("--limit", type=int, default=None)
@@ -162,12 +199,16 @@ def main(argv: list[str] | None = None) -> int:
 def table(rows: list[dict], components: dict) -> str:
     """The rows as text (x AR: against the first row, AR at the first mode and batch size) and the components."""
     header = (f"{'dtype':8} {'mode':7} {'batch':>5} {'method':8} {'seconds':>8} {'x AR':>6} {'decode s':>9} "
-              f"{'dec x AR':>8} {'tok/s':>7} {'graphs':>6} identical (to the first row, to AR here)")
+              f"{'dec x AR':>8} {'tok/s':>7} {'graphs':>6} {'tok/pass':>8} {'drafts/pass':>11} {'accepted':>8} "
+              f"{'fallback':>8} {'warm s':>6} {'+capt':>5} identical (to the first row, to AR here)")
     lines = [header]
     for r in rows:
         lines.append(f"{r['dtype']:8} {r['mode']:7} {r['batch']:5} {r['method']:8} {r['seconds']:8.2f} {r['x_ar']:6.2f} "
                      f"{r['decode_seconds']:9.2f} {r['decode_x_ar']:8.2f} {r['tokens'] / r['seconds']:7.0f} "
-                     f"{r['graphs']:6} {r['identical']}/{r['files']}, {r['identical_to_ar_here']}/{r['files']}")
+                     f"{r['graphs']:6} {r['tokens_per_pass']:8.2f} {r['draft_steps_per_pass']:11.2f} "
+                     f"{r['accepted_of_drafted']:8.3f} {r['files_fallen_back']:8} {r['warm_seconds']:6.1f} "
+                     f"{r['captured_while_timed']:5} "
+                     f"{r['identical']}/{r['files']}, {r['identical_to_ar_here']}/{r['files']}")
     for mode, ms in components.items():
         lines.append(f"{mode} steps alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from specasr_vllm.config import EngineConfig, SpecConfig
 from specasr_vllm.engine import Transcriber
 from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.loading import load_whisper
+from specasr_vllm.models.step_graphs import bucket
 from specasr_vllm.speculation import Drafter
 from specasr_vllm.speculation.bridge import make_bridge
 from specasr_vllm.speculation.draft_model import DraftModel
@@ -120,8 +121,33 @@ def test_specasr_through_step_graphs_emits_eager_ar_tokens_on_dev_files(base, ti
     config = spec.config.spec
     spec.drafter = Drafter(DraftModel(tiny_en, config, graphs=True), make_bridge(base.tokenizer, tiny_en.tokenizer),
                            config, base.tokenizer.eot, base.tokenizer.timestamp_begin)
+    spec.warm()  # every bucketed width, on the engine's and the drafter's caches
+    graphs = len(target.model.graphs), len(spec.drafter.draft.graphs)
     out = spec.transcribe(audios, language="en")
     assert [t.tokens for t in out] == reference
     assert sum(t.stats.accepted_tokens for t in out) > 0
     assert target.model.eager_calls == 0 and any(n >= 8 for _, n in target.model.calls)
     assert spec.drafter.draft.graphs.calls > 0
+    assert (len(target.model.graphs), len(spec.drafter.draft.graphs)) == graphs  # nothing new to capture
+
+
+def test_widths_are_bucketed_to_powers_of_two_where_the_cache_has_room(pair):
+    """3 new tokens run at width 4 (the padding changes nothing the real tokens see); at the end of the 448
+    positions a call runs at its own width."""
+    assert [bucket(n, 448) for n in (1, 2, 3, 5, 9, 17, 33)] == [1, 2, 4, 8, 16, 32, 64]
+    assert bucket(5, 6) == 5 and bucket(5, 8) == 8
+    eager, graphed, features = pair
+    ref, cache = (eager.new_cache(features[:1]) for _ in range(2))
+    tokens = torch.randint(0, 50000, (1, 7))
+    _close(graphed.decode(tokens[:, :3], cache), eager.decode(tokens[:, :3], ref))
+    before = len(graphed.graphs)
+    _close(graphed.decode(tokens[:, 3:7], cache), eager.decode(tokens[:, 3:7], ref))  # 4 tokens: the same graph
+    assert len(graphed.graphs) == before and cache.length(0) == ref.length(0) == 7
+    for c in (cache, ref):
+        c.set_length(0, 444)
+    _close(graphed.decode(tokens[:, :3], cache), eager.decode(tokens[:, :3], ref))  # 4 slots left: width 4
+    _close(graphed.decode(tokens[:, :1], cache), eager.decode(tokens[:, :1], ref))
+    for c in (cache, ref):
+        c.set_length(0, 445)
+    _close(graphed.decode(tokens[:, :3], cache), eager.decode(tokens[:, :3], ref))  # 3 slots left: width 3
+    assert len(graphed.graphs) == before + 2  # (1 row, 1 token) and (1 row, 3 tokens)

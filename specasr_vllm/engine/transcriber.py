@@ -128,14 +128,15 @@ class Transcriber:
 
     def warm(self) -> float:
         """Compile now what the first requests would otherwise wait for (a server calls this before it
-        serves): the target's graphs for one row and for a full batch, and the draft's encoder. Returns
-        the seconds it took (0 with eager modules)."""
+        serves): the target's graphs for one row and for a full batch, the draft's encoder and, on a GPU, the
+        draft's captured steps. Returns the seconds it took (0 with eager modules)."""
         if not isinstance(self.target.model, CompiledWhisper):
             return 0.0
         began = time.perf_counter()
-        self.target.model.warm(rows=self.config.batch_size)
+        self.target.model.warm(rows=self.config.batch_size, cache=self.cache)
         if self.drafter is not None:
             self.drafter.draft.encode(torch.zeros(1, self.target.n_mels, N_FRAMES // 3, device=self.drafter.device))
+            self.drafter.warm()
         return time.perf_counter() - began
 
     def check(self, options: DecodeOptions) -> None:

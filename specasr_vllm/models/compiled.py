@@ -42,7 +42,7 @@ import torch
 
 from specasr_vllm.config import cache_dir
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView
-from specasr_vllm.models.step_graphs import StepGraphs
+from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, bucket, pad_tokens
 from specasr_vllm.models.whisper import StepInputs, Whisper, WhisperDims, step_inputs
 
 log = logging.getLogger(__name__)
@@ -109,20 +109,26 @@ class CompiledWhisper:
         cache.claim(*self.cross_kv(audio_features))
         return cache
 
-    def warm(self, rows: int = 1) -> float:
-        """Compile the encoder and the decode graphs now (a server's start, a benchmark's warm-up) instead of
-        at first use; returns the seconds it took. Dynamo specialises sizes of 1, so calls of one row or
-        several and of one token or several are four graphs; ``rows`` > 1 compiles the batched ones too."""
+    def warm(self, rows: int = 1, cache: DecoderCache | None = None) -> float:
+        """Compile (or capture) the encoder and the decode graphs now (a server's start, a benchmark's warm-up)
+        instead of at first use; returns the seconds it took. Compiled: dynamo specialises sizes of 1, so
+        calls of one row or several and of one token or several are four graphs. Captured: every bucketed
+        width (``step_graphs.WIDTHS``), on ``cache`` (the engine's: a graph is bound to the cache it was captured on).
+        ``rows`` > 1 does the batched ones too."""
         began = time.perf_counter()
         d = self.dims
         features = self.encode(torch.zeros(1, d.n_mels, 2 * d.max_source_positions, device=self.device))
+        widths = WIDTHS if self.graphs is not None else (1, 8)
         for batch in sorted({1, rows}):
-            cache = self.empty_cache(batch)
-            claimed = cache.claim(*self.cross_kv(features.repeat(batch, 1, 1)))
-            for width in (1, 8):
-                self.decode(torch.zeros(batch, width, dtype=torch.long, device=self.device), cache, claimed)
-                for row in claimed:
-                    cache.set_length(row, 0)
+            target = cache if cache is not None else self.empty_cache(batch)
+            claimed = target.claim(*self.cross_kv(features.repeat(batch, 1, 1)))
+            try:
+                for width in widths:
+                    self.decode(torch.zeros(batch, width, dtype=torch.long, device=self.device), target, claimed)
+                    for row in claimed:
+                        target.set_length(row, 0)
+            finally:
+                target.release(claimed)
         return time.perf_counter() - began
 
     # ---- compiled paths ----------------------------------------------------------------------------------
@@ -144,10 +150,13 @@ class CompiledWhisper:
         if head is not None or rows != list(range(rows[0], rows[0] + batch)):
             self.eager_calls += 1
             return self.eager.decode(tokens, cache, rows, tree_mask, depths, head, fixed)
-        inputs, view = self.step_args(tokens, cache, rows, tree_mask, depths)
-        if self.graphs is not None:
-            logits = self.graphs(inputs, [t for tensors in view for t in tensors])
+        if self.graphs is not None:  # a bucketed width (``step_graphs.bucket``)
+            width = bucket(n, cache.capacity - max(cache.lengths(rows)))
+            tokens, tree_mask, depths = pad_tokens(width, tokens.to(self.device, non_blocking=True), tree_mask, depths)
+            inputs, view = self.step_args(tokens, cache, rows, tree_mask, depths)
+            logits = self.graphs(inputs, [t for tensors in view for t in tensors])[:, :n]
         else:
+            inputs, view = self.step_args(tokens, cache, rows, tree_mask, depths)
             graph = self._one_token if (batch, n) == (1, 1) else self._any_shape
             key = ("decode", min(batch, 2), min(n, 2), view[2][0].shape[2])  # sizes of 1 are specialised
             logits = self._first_call(key, lambda: graph(*inputs, *view))

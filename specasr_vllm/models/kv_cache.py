@@ -78,6 +78,14 @@ class DecoderCache:
             self._lengths[row], self._frames[row] = 0, frames
         return rows
 
+    def reserve(self, rows: int, frames: int) -> None:
+        """Grow now to at least ``rows`` rows and ``frames`` audio frames, so that later claims move nothing
+        (what graphs captured on this cache's tensors need)."""
+        while self.rows < rows:
+            self._grow_rows()
+        if frames > self.cross_k[0].shape[2]:
+            self._grow_frames(frames)
+
     def release(self, rows: list[int]) -> None:
         """Give rows back to the pool (their contents are simply overwritten by the next claim)."""
         for row in rows:

@@ -14,6 +14,11 @@ input shape serves every context and audio length. The state's addresses are par
 cache that is reallocated (it grows when more rows or longer audio are claimed) gets new graphs, and
 the old ones stay until the ``StepGraphs`` goes (a cache grows a few times in a process).
 
+Widths are bucketed (``bucket``): a call of ``n`` new tokens runs at the next power of two, padded with
+tokens that see only themselves (their logits are dropped, their K/V land in slots past the row's
+length, which the next call overwrites), so a handful of graphs serves verification passes and draft
+catch-up passes of any width, and a server can capture them all before it serves (``warm``).
+
 The kernels a graph replays are the eager step's own, so a replay computes what the eager step
 computes for the same shapes. On a CPU there is nothing to capture: the step then runs over the same
 buffers directly, which is what the CPU tests exercise (the plumbing, not the capture).
@@ -26,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -91,3 +97,32 @@ class StepGraphs:
                 gc.enable()
         self.captures += 1
         return captured
+
+
+# the widths a server captures before it serves: verification passes reach ~25 tokens (a 24-token chain and
+# the bonus token), the draft's catch-up passes with recycling candidates over 32
+WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bucket(n: int, room: int) -> int:
+    """The width a call of ``n`` new tokens runs at: the next power of two where the cache rows have ``room``
+    slots left for it, else ``n`` itself (near the end of the 448 positions)."""
+    width = 1 << (n - 1).bit_length()
+    return width if width <= room else n
+
+
+def pad_tokens(width: int, tokens: torch.Tensor, tree_mask: torch.Tensor | None,
+               depths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tokens`` (batch, n), their tree mask (default causal) and depths (default 0 .. n - 1), on the tokens'
+    device, padded to ``width`` inputs that see only themselves at depth 0 (``packing.pack_rows``'s padding)."""
+    batch, n = tokens.shape
+    device = tokens.device
+    if tree_mask is None:
+        tree_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, n, n)
+    if depths is None:
+        depths = torch.arange(n, device=device).expand(batch, n)
+    if width == n:
+        return tokens, tree_mask.to(device), depths.to(device)
+    mask = torch.eye(width, dtype=torch.bool, device=device).repeat(batch, 1, 1)
+    mask[:, :n, :n] = tree_mask.to(device)
+    return F.pad(tokens, (0, width - n)), mask, F.pad(depths.to(device), (0, width - n))

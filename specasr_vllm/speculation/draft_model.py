@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from specasr_vllm.config import SpecConfig
@@ -25,7 +26,7 @@ from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import Suppression
-from specasr_vllm.models.step_graphs import StepGraphs
+from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, bucket, pad_tokens
 from specasr_vllm.models.whisper import StepInputs, Whisper, step_inputs
 
 
@@ -81,8 +82,8 @@ class DraftModel:
         """Log-probabilities over the draft's output ids, Whisper's suppression applied (not begin rules)."""
         return _log_probs(self.model.decode(tokens, cache, rows, tree_mask, depths, head=self.head), self.suppress)
 
-    def choices(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor,
-                depths: torch.Tensor, begin: dict[int, int]) -> torch.Tensor:
+    def choices(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None,
+                depths: torch.Tensor | None, begin: dict[int, int]) -> torch.Tensor:
         """The two best token ids and their probabilities at every new token, on the host: (2, batch, n, 2),
         ids (as floats) then probabilities, read from the device in one transfer. ``begin[b] = i``: Whisper's
         begin rules apply at row ``b``'s new token ``i``. Each row's cache grows by ``n`` (as ``decode``)."""
@@ -99,21 +100,43 @@ class DraftModel:
         logits = self.model.decode(tokens, cache, rows, tree_mask, depths, head=self.head)
         return _choose(logits, self.suppress, self.begin_suppress, at_begin, self.ids).cpu()
 
-    def _replay(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor,
-                depths: torch.Tensor, at_begin: torch.Tensor) -> torch.Tensor:
+    def _replay(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None,
+                depths: torch.Tensor | None, at_begin: torch.Tensor) -> torch.Tensor:
         """``choices`` through a captured graph of the whole step (decoder, head, suppression, top two) over a
         ``FixedView`` of the block of rows: its shapes depend only on the rows and new tokens."""
         batch, n = tokens.shape
         if max(cache.lengths(rows)) + n > cache.capacity:
             raise ValueError(f"decoder positions exceed {cache.capacity}")
-        step = step_inputs(cache.lengths(rows), n, tree_mask, depths, cache.capacity, cache.frames(rows),
+        width = bucket(n, cache.capacity - max(cache.lengths(rows)))  # a bucketed width, as the target's
+        tokens, tree_mask, depths = pad_tokens(width, tokens.to(self.device, non_blocking=True), tree_mask, depths)
+        step = step_inputs(cache.lengths(rows), width, tree_mask, depths, cache.capacity, cache.frames(rows),
                            cache.cross_k[0].shape[2], self.device)
         block = slice(rows[0], rows[0] + batch)
         kv = [t[block] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
-        out = self.graphs((tokens.to(self.device, non_blocking=True), step.positions, step.slots, step.mask,
-                           step.audio_mask, at_begin), kv)
+        out = self.graphs((tokens, step.positions, step.slots, step.mask, step.audio_mask,
+                           F.pad(at_begin, (0, width - n))), kv)
         cache.advance(rows, n)
-        return out.cpu()
+        return out[:, :, :n].cpu()
+
+    def warm(self, cache: DecoderCache, rows: int = 1) -> None:
+        """Capture the step graphs now, on ``cache`` (the drafter's), for one row and for ``rows`` rows at every
+        bucketed width (``step_graphs.WIDTHS``); the cache is first grown to its full size (``rows`` rows, a 30 s window's
+        frames) so that later requests never move it. Nothing to do without graphs."""
+        if self.graphs is None:
+            return
+        d = self.model.dims
+        cache.reserve(rows, d.max_source_positions)
+        features = self.encode(torch.zeros(1, d.n_mels, 2 * d.max_source_positions, device=self.device))
+        for batch in sorted({1, rows}):
+            claimed = cache.claim(*self.cross_kv(features.repeat(batch, 1, 1)))
+            try:
+                for width in WIDTHS:
+                    tokens = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+                    self.choices(tokens, cache, claimed, None, None, {})
+                    for row in claimed:
+                        cache.set_length(row, 0)
+            finally:
+                cache.release(claimed)
 
     @torch.no_grad()
     def _one_token(self, tokens: torch.Tensor, cache: DecoderCache, row: int) -> torch.Tensor:

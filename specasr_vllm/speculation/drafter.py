@@ -116,6 +116,10 @@ class Drafter:
     def device(self) -> torch.device:
         return self.draft.device
 
+    def warm(self) -> None:
+        """Capture the draft's step graphs on this drafter's cache before serving (on a GPU; else nothing)."""
+        self.draft.warm(self.cache, self.config.max_batch)
+
     # ---- request lifecycle -------------------------------------------------------------------
     def start(self, key: Hashable, language: str, task: str = "transcribe", timestamps: bool = False,
               prompt: str | None = None, mel: torch.Tensor | None = None, audio: np.ndarray | None = None) -> bool:
