@@ -144,6 +144,27 @@ def test_pick_samples_after_the_rules_and_reports_the_unscaled_logprob(random_pa
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_suppression_by_columns_equals_the_boolean_rule(random_pair):
+    """``Suppression.mask`` writes the suppressed columns (and the begin ones on first rows) instead of selecting
+    over the whole vocabulary: the same logits as the rule's definition, for a bool and for per-row flags;
+    ``choose`` + ``logprobs`` of some rows equal ``pick``'s."""
+    target, _ = random_pair
+    rules = WhisperRules(target)
+    s = rules.suppression
+    torch.manual_seed(1)
+    logits = torch.randn(5, target.model.dims.vocab_size)
+    first = torch.tensor([True, False, False, True, False])
+    for flags in (first, True, False):
+        forbidden = torch.where(torch.as_tensor(flags)[..., None], s.begin_suppress, s.suppress)
+        assert torch.equal(s.mask(logits, flags), logits.masked_fill(forbidden, float("-inf")))
+    tokens, logprobs = rules.pick(logits, first)
+    masked, chosen = rules.choose(logits, first)
+    assert chosen == tokens and rules.eot not in [tokens[0], tokens[3]]
+    assert rules.logprobs(masked, [3, 1], [tokens[3], tokens[1]]) == [logprobs[3], logprobs[1]]
+    expected = s.mask(logits, first).log_softmax(-1).max(-1).values
+    assert logprobs == pytest.approx(expected.tolist(), abs=1e-5)
+
+
 def _decode_both(target: ASRModel, draft: ASRModel, mel: torch.Tensor, sampling: Sampling, timestamps: bool):
     """AR and speculative decodes of the same windows with the same seeds, and the drafter's statistics."""
     batch = len(sampling.seeds)

@@ -46,7 +46,10 @@ def server(base, tiny_en):
     transcriber = Transcriber(EngineConfig(method="specasr", spec=SpecConfig(max_batch=8)), target=base, draft=tiny_en)
     port = free_port()
     app = build_app(transcriber, ServerConfig(port=port, max_queue=16))
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # keep-alive longer than the module runs: the client (no retries, to see every 503) reuses pooled connections,
+    # and one the server closed after uvicorn's default 5 s just as the client reused it failed a CI run
+    # ("Server disconnected without sending a response" in the overload test)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=600))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 60

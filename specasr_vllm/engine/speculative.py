@@ -75,21 +75,26 @@ def decode_speculative(
                 [i for i in active for _ in range(n)],  # padding inputs: depth 0, their choice is never read
                 [len(outputs[i].tokens) + d for i, row in zip(active, tree_rows) for d in _padded(row.depths, n)],
                 logits.shape[-1], logits.device)
-            choices, logprobs = rules.pick(logits, False, contexts, noise)
+            masked, choices = rules.choose(logits, False, contexts, noise)
             seconds = time.perf_counter() - t0
             if ahead is not None:
                 stop.set()
                 ahead.result()
-            emitted = {}
+            emitted, kept = {}, []
             for pos, i in enumerate(active):
                 tree = trees[keys[i]]
-                choice, logprob = choices[pos * n : (pos + 1) * n], logprobs[pos * n : (pos + 1) * n]
-                acc = accept_greedy(tree, choice, rules.eot)
+                acc = accept_greedy(tree, choices[pos * n : (pos + 1) * n], rules.eot)
                 batch.cache.keep(batch.rows[pos], starts[pos], [0] + [node + 1 for node in acc.nodes])
                 new = acc.tokens(tree)[: limit[i] - len(outputs[i].tokens)]
-                outputs[i].extend(new, [logprob[0]] + [logprob[node + 1] for node in acc.nodes], rules.eot)
-                outputs[i].passes += 1
+                kept.append([pos * n + node for node in [0] + [node + 1 for node in acc.nodes]][: len(new)])
                 emitted[keys[i]] = new
+            # log-probabilities of the emitted tokens only: each at the input that chose it
+            rows = [row for rows in kept for row in rows]
+            logprobs = iter(rules.logprobs(masked, rows, [choices[row] for row in rows]))
+            for (pos, i), rows in zip(enumerate(active), kept):
+                new = emitted[keys[i]]
+                outputs[i].extend(new, [next(logprobs) for _ in rows], rules.eot)
+                outputs[i].passes += 1
                 last[i] = new[-1]
             drafter.feedback(emitted, seconds)
             _keep_unfinished(batch, drafter, keys, outputs, last, limit, rules.eot)
