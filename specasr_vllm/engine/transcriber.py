@@ -19,6 +19,7 @@ from specasr_vllm.engine.alignment import align_windows, assign_words
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.engine.longform import is_long, seek_segments, window_features
+from specasr_vllm.engine.rows import BatchRows
 from specasr_vllm.engine.segments import Segment, window_segments
 from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.engine.window_rules import attempt_seed, is_silence, needs_fallback, window_context
@@ -310,7 +311,9 @@ class Transcriber:
         return outputs, stats
 
     def _detect_language(self, features: torch.Tensor) -> list[str]:
+        """On rows of the engine's own cache, as decoding does: a one-token step the compiled or captured
+        graphs already serve (a one-off cache would make a GPU capture graphs for it alone)."""
         model = self.target.model
-        cache = model.new_cache(features)
         sot = torch.full((features.shape[0], 1), self.target.tokenizer.sot, device=model.device)
-        return self.rules.detect_language(model.decode(sot, cache)[:, -1])
+        with BatchRows(model, features, self.cache) as batch:
+            return self.rules.detect_language(model.decode(sot, batch.cache, batch.rows)[:, -1])

@@ -69,12 +69,13 @@ class CompiledWhisper:
         # on a GPU: captured graphs of the eager step; the encoder's large products gain nothing from either
         graphs = model.device.type == "cuda" if graphs is None else graphs
         self.graphs = StepGraphs(self._run_flat, model.device) if graphs else None
-        self._one_token = torch.compile(self._run_one_token, dynamic=False)
-        self._any_shape = torch.compile(self._run_any_shape, dynamic=True)
+        compiled = self.graphs is None
+        self._one_token = torch.compile(self._run_one_token, dynamic=False) if compiled else None
+        self._any_shape = torch.compile(self._run_any_shape, dynamic=True) if compiled else None
         # dynamic shapes: inductor then packs the linears for oneDNN, not MKL (with static shapes it takes
         # MKL for fp32), and oneDNN runs these 1500-row products 2.3x faster here (~500 against ~215 GFLOP/s)
-        self._encoder = torch.compile(model.encoder, dynamic=True) if self.graphs is None else model.encoder
-        self._cross_kv = torch.compile(model.cross_kv, dynamic=True) if self.graphs is None else model.cross_kv
+        self._encoder = torch.compile(model.encoder, dynamic=True) if compiled else model.encoder
+        self._cross_kv = torch.compile(model.cross_kv, dynamic=True) if compiled else model.cross_kv
         self.compiled: dict[tuple, float] = {}  # each shape compiled so far -> seconds its first call took
         self.calls: Counter[tuple[int, int]] = Counter()  # compiled decode calls per (rows, tokens)
         self.eager_calls = 0  # decode calls no compiled graph serves
@@ -134,8 +135,8 @@ class CompiledWhisper:
     # ---- compiled paths ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
-        """Through the compiled encoder one window at a time (its matrices are large enough that batching
-        windows gains little), any number of frames (the draft's unpadded audio): one graph serves all."""
+        """Through the compiled encoder (eager on a GPU) one window at a time (its matrices are large enough that
+        batching windows gains little), any number of frames (the draft's unpadded audio): one graph serves all."""
         mel = mel.to(self.device, self.dtype)
         return torch.cat([self._first_call(("encoder",), lambda i=i: self._encoder(mel[i : i + 1]))
                           for i in range(mel.shape[0])])

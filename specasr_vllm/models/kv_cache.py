@@ -158,7 +158,8 @@ class DecoderCache:
         return [self._lengths[r] for r in rows]
 
     def set_length(self, row: int, length: int) -> None:
-        """Roll a row back (or forward over slots already written) to ``length`` tokens."""
+        """Roll a row back, or forward over slots the last call wrote for its real tokens, to ``length`` tokens.
+        Not further: the slots past those may hold a padded step's K/V (``step_graphs.bucket``)."""
         if not 0 <= length <= self.capacity:
             raise ValueError(f"length {length} outside 0..{self.capacity}")
         self._lengths[row] = length

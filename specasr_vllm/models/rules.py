@@ -102,21 +102,27 @@ class WhisperRules:
         added after every rule, so a sample never breaks one. The log-probability is always that of
         the unscaled distribution (as openai-whisper and transformers report ``avg_logprob``).
         """
-        masked, tokens = self.choose(logits, first, contexts, noise)
-        return tokens, self.logprobs(masked, list(range(len(tokens))), tokens)
+        masked, best = self._choose(logits, first, contexts, noise)
+        masked = masked.float()
+        logprobs = masked.gather(-1, best[:, None])[:, 0] - masked.logsumexp(-1)
+        return best.tolist(), logprobs.tolist()  # one wait for the device: the second read is ready
 
     def choose(self, logits: torch.Tensor, first: torch.Tensor | bool = False,
                contexts: list[list[int]] | None = None,
                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """``pick``'s tokens, and the logits under the rules (for ``logprobs``): a verifier takes the
         log-probabilities of the rows it keeps only (a pass of 16 nodes keeps about 6)."""
+        masked, best = self._choose(logits, first, contexts, noise)
+        return masked, best.tolist()
+
+    def _choose(self, logits: torch.Tensor, first: torch.Tensor | bool, contexts: list[list[int]] | None,
+                noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if contexts is not None:
             first = torch.tensor([not c for c in contexts], device=logits.device)
         masked = self.mask(logits, first)
         if contexts is not None:
             masked = self.timestamp_mask(masked, contexts)
-        best = masked.argmax(-1) if noise is None else (masked.float() + noise).argmax(-1)
-        return masked, best.tolist()
+        return masked, masked.argmax(-1) if noise is None else (masked.float() + noise).argmax(-1)
 
     @staticmethod
     def logprobs(masked: torch.Tensor, rows: list[int], tokens: list[int]) -> list[float]:

@@ -1,8 +1,8 @@
 """Decoder steps replayed as captured CUDA graphs: the GPU's counterpart of the compiled CPU steps.
 
-Why: on a GPU an eager decoder step is launch-bound. On an H200 a whisper-base call cost ~3.8 ms and a
-tiny.en call ~2.7 ms whatever the number of tokens (1 to 32): the time goes to launching a few hundred
-small kernels one by one from Python, not to arithmetic. A captured graph launches them all at once,
+Why: on a GPU an eager decoder step is launch-bound. On an H200 an eager whisper-base call cost ~5.7-6.6 ms
+for 1, 8 or 16 tokens, a tiny.en step 2.7-4.8 ms (``benchmarks/results/gpu-h200-graphs.log``): the time goes
+to launching a few hundred small kernels one by one from Python, not to arithmetic. A captured graph launches them all at once,
 so a step costs what its kernels cost, and a verification pass of 8-16 tokens costs about one step:
 the premise of speculative decoding.
 
@@ -15,9 +15,12 @@ cache that is reallocated (it grows when more rows or longer audio are claimed) 
 the old ones stay until the ``StepGraphs`` goes (a cache grows a few times in a process).
 
 Widths are bucketed (``bucket``): a call of ``n`` new tokens runs at the next power of two, padded with
-tokens that see only themselves (their logits are dropped, their K/V land in slots past the row's
-length, which the next call overwrites), so a handful of graphs serves verification passes and draft
-catch-up passes of any width, and a server can capture them all before it serves (``warm``).
+tokens that see only themselves (their logits are dropped; their K/V land in slots past the row's
+length, which no call reads: lengths exclude them and masks hide them), so a handful of graphs serves
+verification passes and draft catch-up passes of any width. A server captures them before it serves
+(``warm``: one row and a full batch, every width); a batch that shrinks as requests end, or a prefix
+longer than 64 tokens, is captured at its first call (an H200 run at batch 16 captured 1-19 graphs so).
+Each graph keeps its output buffer (batch x width x vocabulary), so a wide batch's graphs hold memory.
 
 The kernels a graph replays are the eager step's own, so a replay computes what the eager step
 computes for the same shapes. On a CPU there is nothing to capture: the step then runs over the same
@@ -27,11 +30,14 @@ buffers directly, which is what the CPU tests exercise (the plumbing, not the ca
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+_CAPTURING = threading.Lock()
 
 
 @dataclass
@@ -50,7 +56,6 @@ class StepGraphs:
         self._capture = device.type == "cuda"
         self._pool = torch.cuda.graph_pool_handle() if self._capture else None  # graphs share their memory
         self._graphs: dict[tuple, _Captured] = {}
-        self.captures = 0  # graphs captured so far (a new shape, or state that moved)
         self.calls = 0  # steps run through it
 
     def __len__(self) -> int:
@@ -76,26 +81,29 @@ class StepGraphs:
         captured = _Captured([t.clone() for t in inputs])
         if not self._capture:
             return captured
-        # one eager run on a side stream first (cuBLAS handles and workspaces are created outside the
-        # capture); it writes into the state exactly what the first replay writes again
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.step(*captured.inputs, *state)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        captured.graph = torch.cuda.CUDAGraph()
-        # no garbage collection while capturing: collecting an unreachable graph (an engine dropped earlier)
-        # destroys it, which is illegal during a capture and invalidates it (seen on an H200 as
-        # "operation not permitted when stream is capturing", then a failed cuBLAS call)
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            with torch.cuda.graph(captured.graph, pool=self._pool):
-                captured.output = self.step(*captured.inputs, *state)
-        finally:
-            if collecting:
-                gc.enable()
-        self.captures += 1
+        # one capture at a time in the process: gc's switch below is global, and capture streams and pools
+        # live on the current device
+        with _CAPTURING, torch.cuda.device(self.device):
+            # one eager run on a side stream first (cuBLAS handles and workspaces are created outside the
+            # capture); it writes into the state exactly what the first replay writes again
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.step(*captured.inputs, *state)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            captured.graph = torch.cuda.CUDAGraph()
+            # no garbage collection while capturing: collecting an unreachable graph (an engine dropped
+            # earlier) destroys it, which is illegal during a capture and invalidates it (seen on an H200 as
+            # "operation not permitted when stream is capturing", then a failed cuBLAS call); thread-local
+            # errors: another thread's work (a draft running ahead) does not invalidate this capture
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(captured.graph, pool=self._pool, capture_error_mode="thread_local"):
+                    captured.output = self.step(*captured.inputs, *state)
+            finally:
+                if collecting:
+                    gc.enable()
         return captured
 
 

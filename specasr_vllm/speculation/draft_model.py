@@ -32,14 +32,15 @@ from specasr_vllm.models.whisper import StepInputs, Whisper, step_inputs
 
 class DraftModel:
     def __init__(self, asr: ASRModel, config: SpecConfig, compile: bool = False, graphs: bool | None = None):
-        """``compile``: the encoder runs as a compiled graph for any audio length (``CompiledWhisper``, eager on
-        a GPU); on a CPU one row's one-token decoder step runs as a frozen TorchScript graph, on a GPU every
-        call over a block of rows as a CUDA graph (``choices``); other calls stay eager. ``graphs`` overrides
-        the device's choice of the latter (on a CPU: the same steps uncaptured, how tests check them)."""
+        """``compile``: on a CPU the encoder runs as a compiled graph for any audio length (``CompiledWhisper``)
+        and one row's one-token decoder step as a frozen TorchScript graph; on a GPU every call over a block of
+        rows runs as a CUDA graph (``choices``) and the encoder eager. ``graphs`` overrides the device's choice
+        of CUDA graphs (on a CPU: the same steps uncaptured, how tests check them; False: eager on a GPU)."""
         self.asr = asr
         self.model = asr.model
-        graphs = compile and asr.model.device.type == "cuda" if graphs is None else graphs
-        self._encoder = CompiledWhisper(asr.model, graphs) if compile or graphs else asr.model
+        on_cpu = asr.model.device.type == "cpu"
+        graphs = compile and not on_cpu if graphs is None else graphs
+        self._encoder = CompiledWhisper(asr.model) if compile and on_cpu else asr.model  # eager on a GPU
         tok = asr.tokenizer
         vocab = self.model.dims.vocab_size
         weight = self.model.decoder.embed_tokens.weight
@@ -58,7 +59,7 @@ class DraftModel:
                 self.head = quantize(nn.Sequential(self.head), {nn.Linear}, dtype=torch.qint8)
         rules = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)  # Whisper's, in one place
         self.suppress, self.begin_suppress = rules.suppress[self.ids], rules.begin_suppress[self.ids]
-        self._graph_step = compile and not graphs
+        self._graph_step = compile and on_cpu and not graphs
         self._step: torch.jit.ScriptModule | None = None  # traced at the first one-row, one-token step
         self.graph_calls = 0  # one-token steps served by the TorchScript graph
         self.graphs = StepGraphs(_DraftStep(self.model, self.head, self.suppress, self.begin_suppress, self.ids),
@@ -118,14 +119,15 @@ class DraftModel:
         cache.advance(rows, n)
         return out[:, :, :n].cpu()
 
-    def warm(self, cache: DecoderCache, rows: int = 1) -> None:
+    def warm(self, cache: DecoderCache, rows: int = 1, reserve: int = 1) -> None:
         """Capture the step graphs now, on ``cache`` (the drafter's), for one row and for ``rows`` rows at every
-        bucketed width (``step_graphs.WIDTHS``); the cache is first grown to its full size (``rows`` rows, a 30 s window's
-        frames) so that later requests never move it. Nothing to do without graphs."""
+        bucketed width (``step_graphs.WIDTHS``); the cache is first grown to ``reserve`` rows (with the tree's
+        branch rows) and a 30 s window's frames, so that requests within those bounds never move it. Nothing
+        to do without graphs."""
         if self.graphs is None:
             return
         d = self.model.dims
-        cache.reserve(rows, d.max_source_positions)
+        cache.reserve(max(rows, reserve), d.max_source_positions)
         features = self.encode(torch.zeros(1, d.n_mels, 2 * d.max_source_positions, device=self.device))
         for batch in sorted({1, rows}):
             claimed = cache.claim(*self.cross_kv(features.repeat(batch, 1, 1)))
@@ -167,8 +169,8 @@ def _log_probs(logits: torch.Tensor, suppress: torch.Tensor) -> torch.Tensor:
 def _choose(logits: torch.Tensor, suppress: torch.Tensor, begin_suppress: torch.Tensor, at_begin: torch.Tensor,
             ids: torch.Tensor) -> torch.Tensor:
     """(2, batch, n, 2): the two best output indices mapped to token ids (as floats), and their probabilities,
-    under Whisper's suppression (``begin_suppress`` too where ``at_begin``, after the softmax, as the target's
-    rules do)."""
+    under Whisper's suppression; ``begin_suppress`` where ``at_begin`` is applied after the softmax (those
+    probabilities are not renormalised: the draft only ranks, and the target decides)."""
     logp = _log_probs(logits, suppress).masked_fill(at_begin[..., None] & begin_suppress, float("-inf"))
     values, index = logp.topk(2, dim=-1)
     return torch.stack([ids[index].to(values.dtype), values.exp()])

@@ -106,10 +106,10 @@ class Drafter:
 
     @classmethod
     def build(cls, draft: ASRModel, target_tokenizer: WhisperTokenizer, config: SpecConfig,
-              compile: bool = False) -> Drafter:
+              compile: bool = False, graphs: bool | None = None) -> Drafter:
         """A drafter for ``draft`` (loaded on the device it should run on) proposing in the target's vocabulary;
-        ``compile``: the draft's encoder runs compiled (``DraftModel``)."""
-        return cls(DraftModel(draft, config, compile), make_bridge(target_tokenizer, draft.tokenizer), config,
+        ``compile`` and ``graphs`` as ``DraftModel``'s."""
+        return cls(DraftModel(draft, config, compile, graphs), make_bridge(target_tokenizer, draft.tokenizer), config,
                    target_tokenizer.eot, target_tokenizer.timestamp_begin)
 
     @property
@@ -117,8 +117,10 @@ class Drafter:
         return self.draft.device
 
     def warm(self) -> None:
-        """Capture the draft's step graphs on this drafter's cache before serving (on a GPU; else nothing)."""
-        self.draft.warm(self.cache, self.config.max_batch)
+        """Capture the draft's step graphs on this drafter's cache before serving (on a GPU; else nothing);
+        its rows reserved for ``max_batch`` requests and, with the tree, each one's branches."""
+        branches = self.config.tree_branches if self.config.tree else 0
+        self.draft.warm(self.cache, self.config.max_batch, self.config.max_batch * (1 + branches))
 
     # ---- request lifecycle -------------------------------------------------------------------
     def start(self, key: Hashable, language: str, task: str = "transcribe", timestamps: bool = False,
@@ -292,12 +294,17 @@ class Drafter:
         """
         rows = self._live_rows() if rows is None else rows
         dummy = TreeRow.chain([self._tok.eot])
-        packed = pack_rows([inputs.get(row, dummy) for row in rows], self._tok.eot, self.device)
+        batch = [inputs.get(row, dummy) for row in rows]
+        if all(len(r.tokens) == 1 for r in batch):  # a greedy step: one token a row, nothing to mask
+            tokens, mask, depths = torch.tensor([r.tokens for r in batch], device=self.device), None, None
+        else:
+            packed = pack_rows(batch, self._tok.eot, self.device)
+            tokens, mask, depths = packed.tokens, packed.mask, packed.depths
         starts = self.cache.lengths(rows)
         t0 = time.perf_counter()
-        host = self.draft.choices(packed.tokens, self.cache, rows, packed.mask, packed.depths,
+        host = self.draft.choices(tokens, self.cache, rows, mask, depths,
                                   {rows.index(row): pos for row, pos in (begin or {}).items()})
-        if packed.tokens.shape[1] == 1:
+        if tokens.shape[1] == 1:
             self.costs.observe(draft_step=time.perf_counter() - t0)
         for row, start in zip(rows, starts):
             self.cache.set_length(row, start)

@@ -53,8 +53,9 @@ class SpecASRProposer:
         _raise_if_mel_mismatch(hf.num_mel_bins, draft.n_mels, self.settings.draft)
         # compiled as in the embedded engine (the draft's encoder, the one-token step): the encoder runs once per
         # request, in the step that emits its first token (eager tiny.en ~52 ms per 10 s of audio, compiled ~32)
+        # no CUDA graphs inside vLLM's process: that path has not run on a GPU (the draft steps stay eager there)
         self.drafter = Drafter.build(draft, self.target_tokenizer, self.settings.spec_config(),
-                                     compile=compile_by_default())
+                                     compile=compile_by_default(), graphs=False)
         self.runner: Any = None
         self.scheduler_output: Any = None
         self._prompt_len: dict[str, int] = {}
