@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from specasr_vllm.models.whisper import block_step
 from specasr_vllm.speculation.draft_model import DraftModel
 
 CONTEXT = 30  # cached tokens before the timed call
@@ -47,8 +48,7 @@ def alone(model, draft: DraftModel | None, reps: int) -> dict[str, float]:
         out[name] = _median_ms(lambda t=tokens: model.decode(t, cache), reps, reset, sync)
         if getattr(model, "graphs", None) is not None:  # the replay alone: inputs built once, not per call
             cache.set_length(0, CONTEXT)
-            inputs, view = model.step_args(tokens, cache, [0], None, None)
-            state = [t for tensors in view for t in tensors]
+            inputs, state = block_step(tokens, cache, [0], None, None, model.device)
             out[f"{name}_replay"] = _median_ms(lambda i=inputs, s=state: model.graphs(i, s), reps, sync=sync)
     if draft is not None:
         dcache = draft.empty_cache(1)

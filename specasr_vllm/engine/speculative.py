@@ -86,14 +86,14 @@ def decode_speculative(
                 acc = accept_greedy(tree, choices[pos * n : (pos + 1) * n], rules.eot)
                 batch.cache.keep(batch.rows[pos], starts[pos], [0] + [node + 1 for node in acc.nodes])
                 new = acc.tokens(tree)[: limit[i] - len(outputs[i].tokens)]
-                kept.append([pos * n + node for node in [0] + [node + 1 for node in acc.nodes]][: len(new)])
+                kept.append([pos * n + j for j in ([0] + [node + 1 for node in acc.nodes])[: len(new)]])
                 emitted[keys[i]] = new
             # log-probabilities of the emitted tokens only: each at the input that chose it
-            rows = [row for rows in kept for row in rows]
-            logprobs = iter(rules.logprobs(masked, rows, [choices[row] for row in rows]))
-            for (pos, i), rows in zip(enumerate(active), kept):
+            inputs = [j for row_inputs in kept for j in row_inputs]
+            logprobs = iter(rules.logprobs(masked, inputs, [choices[j] for j in inputs]))
+            for i, row_inputs in zip(active, kept):
                 new = emitted[keys[i]]
-                outputs[i].extend(new, [next(logprobs) for _ in rows], rules.eot)
+                outputs[i].extend(new, [next(logprobs) for _ in row_inputs], rules.eot)
                 outputs[i].passes += 1
                 last[i] = new[-1]
             drafter.feedback(emitted, seconds)

@@ -42,8 +42,8 @@ import torch
 
 from specasr_vllm.config import cache_dir
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView
-from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, bucket, pad_tokens
-from specasr_vllm.models.whisper import StepInputs, Whisper, WhisperDims, step_inputs
+from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, padded_step
+from specasr_vllm.models.whisper import StepInputs, Whisper, WhisperDims, block_step
 
 log = logging.getLogger(__name__)
 
@@ -151,32 +151,18 @@ class CompiledWhisper:
         if head is not None or rows != list(range(rows[0], rows[0] + batch)):
             self.eager_calls += 1
             return self.eager.decode(tokens, cache, rows, tree_mask, depths, head, fixed)
-        if self.graphs is not None:  # a bucketed width (``step_graphs.bucket``)
-            width = bucket(n, cache.capacity - max(cache.lengths(rows)))
-            tokens, tree_mask, depths = pad_tokens(width, tokens.to(self.device, non_blocking=True), tree_mask, depths)
-            inputs, view = self.step_args(tokens, cache, rows, tree_mask, depths)
-            logits = self.graphs(inputs, [t for tensors in view for t in tensors])[:, :n]
+        if self.graphs is not None:  # at a bucketed width (``step_graphs.bucket``)
+            logits = self.graphs(*padded_step(tokens, cache, rows, tree_mask, depths, self.device))[:, :n]
         else:
-            inputs, view = self.step_args(tokens, cache, rows, tree_mask, depths)
+            inputs, state = block_step(tokens, cache, rows, tree_mask, depths, self.device)
+            layers = self.dims.decoder_layers
+            view = [state[i * layers : (i + 1) * layers] for i in range(4)]  # self K, self V, cross K, cross V
             graph = self._one_token if (batch, n) == (1, 1) else self._any_shape
-            key = ("decode", min(batch, 2), min(n, 2), view[2][0].shape[2])  # sizes of 1 are specialised
+            key = ("decode", min(batch, 2), min(n, 2), cache.cross_k[0].shape[2])  # sizes of 1 are specialised
             logits = self._first_call(key, lambda: graph(*inputs, *view))
         cache.advance(rows, n)
         self.calls[(batch, n)] += 1
         return logits
-
-    def step_args(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None,
-                  depths: torch.Tensor | None) -> tuple[tuple[torch.Tensor, ...], list[list[torch.Tensor]]]:
-        """A fixed-shape step's inputs on the device (tokens, positions, slots, masks) and the block of cache
-        rows it reads and writes (self K, self V, cross K, cross V: a list of layers each)."""
-        starts, n = cache.lengths(rows), tokens.shape[1]
-        if max(starts) + n > cache.capacity:
-            raise ValueError(f"decoder positions exceed {cache.capacity}")
-        step = step_inputs(starts, n, tree_mask, depths, cache.capacity, cache.frames(rows), cache.cross_k[0].shape[2],
-                           self.device)
-        block = slice(rows[0], rows[0] + len(rows))
-        view = [[t[block] for t in tensors] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v)]
-        return (tokens.to(self.device, non_blocking=True), step.positions, step.slots, step.mask, step.audio_mask), view
 
     def _run_one_token(self, *inputs) -> torch.Tensor:
         """Compiled with static shapes: AR's step at batch 1, where inductor's GEMV kernels pay most."""

@@ -37,6 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specasr_vllm.models.kv_cache import DecoderCache
+from specasr_vllm.models.whisper import block_step
+
 _CAPTURING = threading.Lock()
 
 
@@ -134,3 +137,11 @@ def pad_tokens(width: int, tokens: torch.Tensor, tree_mask: torch.Tensor | None,
     mask = torch.eye(width, dtype=torch.bool, device=device).repeat(batch, 1, 1)
     mask[:, :n, :n] = tree_mask.to(device)
     return F.pad(tokens, (0, width - n)), mask, F.pad(depths.to(device), (0, width - n))
+
+
+def padded_step(tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None,
+                depths: torch.Tensor | None, device: torch.device) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """``whisper.block_step`` at the bucketed width of its ``n`` tokens (the width is the inputs' second size)."""
+    width = bucket(tokens.shape[1], cache.capacity - max(cache.lengths(rows)))
+    tokens, tree_mask, depths = pad_tokens(width, tokens.to(device, non_blocking=True), tree_mask, depths)
+    return block_step(tokens, cache, rows, tree_mask, depths, device)

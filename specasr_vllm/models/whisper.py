@@ -141,6 +141,21 @@ def step_inputs(starts: list[int], n: int, tree_mask: torch.Tensor | None, depth
     return StepInputs(start[:, None] + depths, start[:, None] + new, (cached | new_visible)[:, None], audio_mask, span)
 
 
+def block_step(tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None,
+               depths: torch.Tensor | None, device: torch.device) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """A fixed-shape step over the contiguous block ``rows`` of ``cache`` (what compiled and captured steps run,
+    through a ``FixedView``): its inputs (tokens, positions, slots, mask, audio mask) on ``device``, and the
+    block's K/V tensors it reads and writes: self K, self V, cross K, cross V, a layer each."""
+    starts, n = cache.lengths(rows), tokens.shape[1]
+    if max(starts) + n > cache.capacity:
+        raise ValueError(f"decoder positions exceed {cache.capacity}")
+    step = step_inputs(starts, n, tree_mask, depths, cache.capacity, cache.frames(rows), cache.cross_k[0].shape[2],
+                       device)
+    block = slice(rows[0], rows[0] + len(rows))
+    state = [t[block] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
+    return (tokens.to(device, non_blocking=True), step.positions, step.slots, step.mask, step.audio_mask), state
+
+
 class Encoder(nn.Module):
     def __init__(self, dims: WhisperDims):
         super().__init__()

@@ -26,8 +26,8 @@ from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import Suppression
-from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, bucket, pad_tokens
-from specasr_vllm.models.whisper import StepInputs, Whisper, step_inputs
+from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, padded_step
+from specasr_vllm.models.whisper import StepInputs, Whisper, block_step
 
 
 class DraftModel:
@@ -105,17 +105,9 @@ class DraftModel:
                 depths: torch.Tensor | None, at_begin: torch.Tensor) -> torch.Tensor:
         """``choices`` through a captured graph of the whole step (decoder, head, suppression, top two) over a
         ``FixedView`` of the block of rows: its shapes depend only on the rows and new tokens."""
-        batch, n = tokens.shape
-        if max(cache.lengths(rows)) + n > cache.capacity:
-            raise ValueError(f"decoder positions exceed {cache.capacity}")
-        width = bucket(n, cache.capacity - max(cache.lengths(rows)))  # a bucketed width, as the target's
-        tokens, tree_mask, depths = pad_tokens(width, tokens.to(self.device, non_blocking=True), tree_mask, depths)
-        step = step_inputs(cache.lengths(rows), width, tree_mask, depths, cache.capacity, cache.frames(rows),
-                           cache.cross_k[0].shape[2], self.device)
-        block = slice(rows[0], rows[0] + batch)
-        kv = [t[block] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
-        out = self.graphs((tokens, step.positions, step.slots, step.mask, step.audio_mask,
-                           F.pad(at_begin, (0, width - n))), kv)
+        n = tokens.shape[1]
+        inputs, state = padded_step(tokens, cache, rows, tree_mask, depths, self.device)  # as the target's
+        out = self.graphs((*inputs, F.pad(at_begin, (0, inputs[0].shape[1] - n))), state)
         cache.advance(rows, n)
         return out[:, :, :n].cpu()
 
@@ -146,11 +138,8 @@ class DraftModel:
         and frame under masks (``FixedView``), so it serves any context and audio length. One row only: the
         tracer records the number of rows as a constant, and with several rows drafting does not pay here
         (SpecConfig.max_batch)."""
-        step = step_inputs(cache.lengths([row]), 1, None, None, cache.capacity, cache.frames([row]),
-                           cache.cross_k[0].shape[2], self.device)
-        kv = [t[row : row + 1] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
-        at_begin = torch.zeros(1, 1, dtype=torch.bool, device=self.device)
-        inputs = (tokens.to(self.device), step.positions, step.slots, step.mask, step.audio_mask, at_begin, *kv)
+        step, kv = block_step(tokens, cache, [row], None, None, self.device)
+        inputs = (*step, torch.zeros(1, 1, dtype=torch.bool, device=self.device), *kv)
         if self._step is None:
             module = _DraftStep(self.model, self.head, self.suppress, self.begin_suppress, self.ids).eval()
             with warnings.catch_warnings():  # the tracer warns about Python values it records as constants
