@@ -34,6 +34,16 @@ def test_prefixes(multi):
     assert multi.prefix("German", "translate") == [50258, 50261, 50358, 50363]
 
 
+def test_which_prompts_ask_for_timestamps(multi, english):
+    for tok, langs in ((multi, ["en", "de"]), (english, ["en"])):
+        for lang in langs:
+            for task in ("transcribe", "translate") if tok.multilingual else ("transcribe",):
+                assert tok.asks_for_timestamps(tok.prefix(lang, task, True, prompt="earlier words"))
+                assert not tok.asks_for_timestamps(tok.prefix(lang, task, False))
+    assert not multi.asks_for_timestamps([multi.sot])  # language detection
+    assert not multi.asks_for_timestamps([])
+
+
 @pytest.mark.parametrize("language", ["xx", "klingon", ""])
 def test_bad_language(multi, language):
     with pytest.raises(InvalidRequestError, match="unsupported language"):

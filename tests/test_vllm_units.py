@@ -114,9 +114,19 @@ def _model_config(v, model_dir, hf_config) -> Any:
     return config
 
 
-def _runner(v, model_config, req_ids: list[str], new: set[str]) -> Any:
+def _decoding(v, prompt: list[int], output: list[int]) -> Any:
+    """vLLM's state of a request mid-decode: its decoder prompt and the tokens sampled so far."""
+    return vllm_fake(v.CachedRequestState, prompt_token_ids=prompt, output_token_ids=output)
+
+
+def _runner(v, model_config, req_ids: list[str], new: set[str], requests: dict | None = None,
+            async_scheduling: bool = False) -> Any:
+    """A V1 runner with these requests in its batch (by default each without timestamps, nothing generated)."""
+    untimed = [50258, 50363]  # whisper-base's <|startoftranscript|> <|notimestamps|>
+    requests = requests or {rid: _decoding(v, untimed, []) for rid in req_ids}
     runner = vllm_fake(v.GPUModelRunner, model_config=model_config, device=torch.device("cpu"),
-                       input_batch=vllm_fake(v.InputBatch, req_ids=req_ids))
+                       input_batch=vllm_fake(v.InputBatch, req_ids=req_ids), requests=requests,
+                       use_async_scheduling=async_scheduling)
     runner._specasr_new_reqs = new  # the plugin's own attribute (set by the execute_model hook)
     return runner
 
@@ -141,6 +151,48 @@ def test_sample_hook_applies_whispers_suppression(v, base, base_dir, whisper_hf_
     assert torch.isinf(out[:, base.suppress_tokens]).all()  # everywhere
     assert torch.isinf(out[0, [blank, eot]]).all() and not torch.isinf(out[1, [blank, eot]]).any()  # first step only
     assert torch.isfinite(out[:, 1000]).all()
+
+
+def test_timestamp_contexts_follow_each_requests_output_then_its_drafts(v):
+    def timed(prompt):  # hand-made ids: 9 is <|notimestamps|>
+        return 9 not in prompt
+
+    a = _decoding(v, [1, 2], [50, 7])  # timestamps; two drafts this step
+    b = _decoding(v, [1, 2, 9], [7])  # no timestamps; one draft
+    c = _decoding(v, [1, 2], [])  # timestamps; new (no drafts)
+    spec = vllm_fake(v.SpecDecodeMetadata, num_draft_tokens=[2, 1, 0], draft_token_ids=torch.tensor([8, 51, 3]))
+    rows, contexts = hooks.timestamp_contexts([a, b, c], timed, spec)  # rows: a a a | b b | c
+    assert rows == [0, 1, 2, 5]
+    assert contexts == [[50, 7], [50, 7, 8], [50, 7, 8, 51], []]
+    rows, contexts = hooks.timestamp_contexts([a, b, c], timed, None)  # no drafts: a row per request
+    assert (rows, contexts) == ([0, 2], [[50, 7], []])
+
+
+def test_sample_hook_applies_the_embedded_engines_timestamp_rules(v, base, base_dir, whisper_hf_config):
+    from specasr_vllm.models.rules import WhisperRules
+
+    tok, rules = base.tokenizer, WhisperRules(base)
+    ts = tok.timestamp_begin
+    timed, untimed = tok.prefix("en", "transcribe", True), tok.prefix("en", "transcribe", False)
+    detect = [tok.sot]  # language detection: no timestamp rules
+    requests = {"new": _decoding(v, timed, []), "old": _decoding(v, timed, [ts + 10, 400, 500]),
+                "plain": _decoding(v, untimed, [400]), "detect": _decoding(v, detect, [])}
+    spec = vllm_fake(v.SpecDecodeMetadata, num_draft_tokens=[0, 2, 0, 0],
+                     draft_token_ids=torch.tensor([ts + 40, ts + 40]))
+    logits = torch.randn(6, whisper_hf_config.vocab_size, generator=torch.Generator().manual_seed(0))
+    logits[:, ts + 45] = 30.0  # a late timestamp that wins wherever the grammar allows it
+    runner = _runner(v, _model_config(v, base_dir, whisper_hf_config), list(requests), {"new"}, requests)
+    out = hooks._wrap_sample(lambda runner, logits, spec: logits)(runner, logits, spec)
+    contexts = [[], [ts + 10, 400, 500], [ts + 10, 400, 500, ts + 40], [ts + 10, 400, 500, ts + 40, ts + 40]]
+    first = torch.tensor([True, False, False, False])
+    assert torch.equal(out[:4], rules.timestamp_mask(rules.mask(logits[:4], first), contexts))
+    assert torch.equal(out[4:], rules.mask(logits[4:], False))  # without timestamps: suppression only
+    picks = out[:4].argmax(-1).tolist()  # the late timestamp: first (<= 1 s), inside a segment, closing it
+    assert picks[:3] == [ts + 45] * 3 and picks[3] < ts  # ... but never after a closed pair
+    with pytest.raises(RuntimeError, match="no-async-scheduling"):
+        hooks._wrap_sample(lambda runner, logits, spec: logits)(
+            _runner(v, _model_config(v, base_dir, whisper_hf_config), list(requests), set(), requests, True),
+            logits, spec)
 
 
 def test_sample_hook_leaves_other_models_alone(v, tmp_path):

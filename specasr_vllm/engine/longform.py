@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from specasr_vllm.config import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from specasr_vllm.config import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, DecodeOptions
 from specasr_vllm.engine.decoded import Decoded
-from specasr_vllm.engine.segments import Segment, segment_maker
+from specasr_vllm.engine.segments import Segment, segment_maker, window_segments
+from specasr_vllm.engine.window_rules import is_silence
 from specasr_vllm.models.tokenizer import TIME_PRECISION, WhisperTokenizer
 
 FRAMES_PER_TIMESTAMP = round(TIME_PRECISION * SAMPLE_RATE / HOP_LENGTH)  # 2 mel frames per timestamp step
@@ -76,3 +77,24 @@ def seek_segments(decoded: Decoded, tokenizer: WhisperTokenizer, seek: int, fram
         return segments, frames
     advance = (tokens[lo - 2] - ts) * FRAMES_PER_TIMESTAMP
     return segments, advance if advance > 0 else frames  # a pair at 0.00 would never move (the reference loops)
+
+
+def window_outcome(decoded: Decoded, tokenizer: WhisperTokenizer, options: DecodeOptions, *, long: bool, seek: int,
+                   frames: int, duration: float) -> tuple[list[Segment], int]:
+    """What a decoded window adds to its audio's transcript, and the frames to advance: the one rule both
+    engines follow. Short audio is one window (all of it done: ``N_FRAMES``); a silent window has no text."""
+    if is_silence(decoded, options):
+        return [], frames if long else N_FRAMES
+    if long:
+        return seek_segments(decoded, tokenizer, seek, frames, duration)
+    return window_segments(decoded, tokenizer, 0.0, duration), N_FRAMES
+
+
+def history_tokens(segments: list[Segment], tokenizer: WhisperTokenizer) -> list[int]:
+    """A window's tokens as later windows are prompted with them (``condition_on_previous_text``): the
+    reference keeps one timestamp of each segment's closing pair."""
+    history = []
+    for s in segments:
+        ending_pair = len(s.tokens) > 2 and s.tokens[-2] >= tokenizer.timestamp_begin
+        history += s.tokens[:-1] if ending_pair else s.tokens
+    return history

@@ -18,11 +18,11 @@ from specasr_vllm.config import DEFAULT_DRAFT, HOP_LENGTH, METHODS, N_FRAMES, SA
 from specasr_vllm.engine.alignment import align_windows, assign_words
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.decoded import Decoded
-from specasr_vllm.engine.longform import is_long, seek_segments, window_features
+from specasr_vllm.engine.longform import history_tokens, is_long, window_features, window_outcome
 from specasr_vllm.engine.rows import BatchRows
-from specasr_vllm.engine.segments import Segment, window_segments
+from specasr_vllm.engine.segments import Segment
 from specasr_vllm.engine.speculative import decode_speculative
-from specasr_vllm.engine.window_rules import attempt_seed, is_silence, needs_fallback, window_context
+from specasr_vllm.engine.window_rules import attempt_seed, needs_fallback, window_context
 from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.registry import ASRModel, load_model
@@ -220,19 +220,13 @@ class Transcriber:
         for state, (_, frames, _), dec, st in zip(batch, windows, decoded, stats):
             results[state.index].stats.merge(st)
             duration = len(state.samples) / SAMPLE_RATE
-            if is_silence(dec, options):  # no text; a short audio's one window is done
-                segments, advance = [], frames if state.long else state.frames
-            elif state.long:
-                segments, advance = seek_segments(dec, tok, state.seek, frames, duration)
-            else:
-                segments, advance = window_segments(dec, tok, 0.0, duration), state.frames
+            segments, advance = window_outcome(dec, tok, options, long=state.long, seek=state.seek, frames=frames,
+                                               duration=duration)
             kept.append(segments)
             state.seek += advance
             state.segments += segments
             state.conditioned = dec.temperature < 0.5
-            for s in segments:
-                ending_pair = len(s.tokens) > 2 and s.tokens[-2] >= tok.timestamp_begin
-                state.history += s.tokens[:-1] if ending_pair else s.tokens  # the reference drops one of two
+            state.history += history_tokens(segments, tok)
         if options.word_timestamps:
             t0 = time.perf_counter()
             self._add_words(kept, features, prefixes, [w[1] for w in windows])

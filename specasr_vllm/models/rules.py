@@ -19,7 +19,7 @@ import torch
 
 from specasr_vllm.config import MAX_INITIAL_TIMESTAMP
 from specasr_vllm.models.registry import ASRModel
-from specasr_vllm.models.tokenizer import TIME_PRECISION
+from specasr_vllm.models.tokenizer import TIME_PRECISION, WhisperTokenizer
 
 
 class Suppression:
@@ -50,22 +50,17 @@ class Suppression:
         return out.index_copy_(-1, self._begin_ids, begin)
 
 
-class WhisperRules:
-    def __init__(self, asr: ASRModel):
-        vocab = asr.model.dims.vocab_size
-        device = asr.model.device
-        tok = asr.tokenizer
-        self.eot = tok.eot
-        self.sot = tok.sot
-        self.no_timestamps = tok.no_timestamps
-        self.timestamp_begin = tok.timestamp_begin
-        self.no_speech = tok.no_speech
-        self.max_initial = self.timestamp_begin + round(MAX_INITIAL_TIMESTAMP / TIME_PRECISION)
-        self.suppression = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)
-        self.mask = self.suppression.mask
-        self.language_ids = tok.language_ids
+class TimestampRules:
+    """Whisper's timestamp grammar alone, from the tokenizer's ids: what the embedded engine's ``WhisperRules``
+    and the vLLM plugin's ``_sample`` hook both apply to rows that decode with timestamps."""
 
-    def timestamp_mask(self, logits: torch.Tensor, contexts: list[list[int]]) -> torch.Tensor:
+    def __init__(self, tokenizer: WhisperTokenizer):
+        self.eot = tokenizer.eot
+        self.no_timestamps = tokenizer.no_timestamps
+        self.timestamp_begin = tokenizer.timestamp_begin
+        self.max_initial = self.timestamp_begin + round(MAX_INITIAL_TIMESTAMP / TIME_PRECISION)
+
+    def mask(self, logits: torch.Tensor, contexts: list[list[int]]) -> torch.Tensor:
         """(n, vocab) logits under the timestamp grammar; ``contexts[i]``: the tokens generated before row ``i``."""
         logits = logits.clone()
         ts = self.timestamp_begin
@@ -91,6 +86,21 @@ class WhisperRules:
         timestamp_wins = logprobs[:, ts:].logsumexp(-1) > logprobs[:, :ts].max(-1).values
         logits[timestamp_wins, :ts] = float("-inf")
         return logits
+
+
+class WhisperRules:
+    def __init__(self, asr: ASRModel):
+        vocab = asr.model.dims.vocab_size
+        device = asr.model.device
+        tok = asr.tokenizer
+        self.eot = tok.eot
+        self.sot = tok.sot
+        self.timestamp_begin = tok.timestamp_begin
+        self.no_speech = tok.no_speech
+        self.suppression = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)
+        self.mask = self.suppression.mask
+        self.timestamp_mask = TimestampRules(tok).mask
+        self.language_ids = tok.language_ids
 
     def pick(self, logits: torch.Tensor, first: torch.Tensor | bool = False,
              contexts: list[list[int]] | None = None,

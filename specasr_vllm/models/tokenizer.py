@@ -93,6 +93,14 @@ class WhisperTokenizer:
         task_id = self.transcribe if task == "transcribe" else self.translate
         return [*start, self.sot, self.language_ids[self.language_code(language)], task_id, *end]
 
+    def asks_for_timestamps(self, prompt: list[int]) -> bool:
+        """Whether a decoder prompt is ``prefix(..., timestamps=True)``'s: it ends where that prefix ends (the task
+        token, or <|startoftranscript|> for English-only models). A language-detection prompt (a multilingual
+        model's <|startoftranscript|> alone) does not, nor does one ending in <|notimestamps|>."""
+        if not prompt:
+            return False
+        return prompt[-1] in ((self.transcribe, self.translate) if self.multilingual else (self.sot,))
+
     def prompt_tokens(self, prompt: str | None) -> list[int]:
         """A text prompt's tokens, as Whisper encodes it (with a leading space).
 

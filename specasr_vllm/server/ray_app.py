@@ -4,8 +4,8 @@ Each replica builds the same FastAPI app as ``specasr serve`` (``build_app``) ar
 the embedded ``Transcriber`` (``engine: embedded``), or one vLLM engine with the SpecASR proposer
 (``engine: vllm``: the replica's ``AsyncLLM`` starts its engine-core process beside the replica, as
 Ray's own LLM serving places one vLLM engine per replica; it starts and warms up with the app); Serve's proxy spreads requests over replicas, autoscales them, and replaces one
-that dies. Metrics go through Ray's metrics agent (``metrics_backend="ray"``), so Prometheus sees
-every replica. Run it with ``serve run deploy/serve_config.yaml``, ``specasr ray-serve --address ...``,
+that dies. Metrics go through Ray's metrics agent (``metrics_backend="ray"``; vLLM's own through vLLM's
+Ray stat logger), so Prometheus sees every replica: ours as ``ray_specasr_*``, vLLM's as ``ray_vllm_*``. Run it with ``serve run deploy/serve_config.yaml``, ``specasr ray-serve --address ...``,
 or a KubeRay ``RayService`` (``deploy/kuberay-rayservice.yaml``).
 """
 
@@ -58,7 +58,7 @@ def build_engine(engine: dict) -> Transcriber | AsyncEngine:
 
         return VLLMEngine.build(settings["model"], method, draft=settings.get("draft"), spec=spec,
                                 eager=not settings.get("compile", True), batch_size=settings.get("batch_size"),
-                                extra=shlex.split(settings.get("vllm_args", "")))
+                                extra=shlex.split(settings.get("vllm_args", "")), ray_metrics=True)
     transcriber = Transcriber(EngineConfig(**settings, spec=SpecConfig.for_method(method, **spec)))
     transcriber.warm()  # compiled steps before the replica takes traffic (a no-op with compile: false)
     return transcriber

@@ -8,9 +8,12 @@ target or the SpecASR proposer:
 
 - ``execute_model``: notes which requests start this step (their first sampled token is the one
   Whisper's ``begin_suppress_tokens`` apply to);
-- ``_sample``: applies Whisper's suppression to the logits of every sampled or verified position.
-  vLLM 0.32 applies neither list, and it refuses custom logits processors once speculative decoding
-  is on, so the rules go in here, for vLLM with and without speculation alike;
+- ``_sample``: applies Whisper's suppression to the logits of every sampled or verified position, and
+  the timestamp grammar (``models.rules.TimestampRules``) to the positions of requests whose decoder
+  prompt asks for timestamps (``WhisperTokenizer.asks_for_timestamps``), each position with the tokens
+  before it (the request's output so far, then the draft tokens ahead of that position). vLLM 0.32 applies none of these rules, and
+  it refuses custom logits processors once speculative decoding is on, so they go in here, for vLLM
+  with and without speculation alike;
 - ``propose_draft_token_ids``: binds the runner and scheduler output to ``SpecASRProposer`` (request
   ids, audio features, finished and preempted requests), which the ``custom_class`` hook does not pass.
 
@@ -35,8 +38,9 @@ from typing import Any
 import torch
 
 from specasr_vllm.errors import UnsupportedVLLMError
-from specasr_vllm.models.registry import suppression_lists
-from specasr_vllm.models.rules import Suppression
+from specasr_vllm.models.registry import load_tokenizer, suppression_lists
+from specasr_vllm.models.rules import Suppression, TimestampRules
+from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.vllm_plugin.version import check_vllm
 
 log = logging.getLogger(__name__)
@@ -161,15 +165,23 @@ def _wrap_execute(execute: Callable) -> Callable:
 
 
 def _wrap_sample(sample: Callable) -> Callable:
-    """Mask Whisper's suppressed tokens before vLLM samples or verifies (greedy picks from the masked logits)."""
+    """Apply Whisper's rules before vLLM samples or verifies (greedy picks from the masked logits)."""
 
     @functools.wraps(sample)
     def _sample(self, logits, spec_decode_metadata):
-        suppression = _suppression(self)
-        if suppression is not None and logits is not None:
-            first = first_positions(self.input_batch.req_ids, getattr(self, "_specasr_new_reqs", set()),
-                                    spec_decode_metadata, logits.shape[0])
+        rules = _rules(self)
+        if rules is not None and logits is not None:
+            suppression, timestamps, tokenizer = rules
+            req_ids = self.input_batch.req_ids
+            first = first_positions(req_ids, getattr(self, "_specasr_new_reqs", set()), spec_decode_metadata,
+                                    logits.shape[0])
             logits = suppression.mask(logits, first.to(logits.device))
+            rows, contexts = timestamp_contexts(
+                [self.requests[rid] for rid in req_ids], tokenizer.asks_for_timestamps, spec_decode_metadata)
+            if rows:
+                _raise_if_async(self)
+                index = torch.tensor(rows, device=logits.device)
+                logits = logits.index_copy(0, index, timestamps.mask(logits[index], contexts))
         return sample(self, logits, spec_decode_metadata)
 
     return _sample
@@ -188,19 +200,62 @@ def _wrap_propose(propose: Callable) -> Callable:
     return propose_draft_token_ids
 
 
-def _suppression(runner: Any) -> Suppression | None:
-    """The runner's Whisper suppression (built once), or ``None`` for other models."""
-    if not hasattr(runner, "_specasr_suppression"):
+def _rules(runner: Any) -> tuple[Suppression, TimestampRules, WhisperTokenizer] | None:
+    """The runner's Whisper rules (built once), or ``None`` for other models."""
+    if not hasattr(runner, "_specasr_rules"):
         config = runner.model_config
         rules = None
         if is_whisper(config):
             directory = Path(config.model)
-            suppress, begin = suppression_lists(directory) if directory.is_dir() else (
-                list(config.hf_config.suppress_tokens or []), list(config.hf_config.begin_suppress_tokens or []))
-            rules = Suppression(config.get_vocab_size(), suppress, begin, runner.device)
-            log.info("Whisper suppression active: %d tokens, %d more at the first step", len(suppress), len(begin))
-        runner._specasr_suppression = rules
-    return runner._specasr_suppression
+            vocab = config.get_vocab_size()
+            if directory.is_dir():
+                suppress, begin = suppression_lists(directory)
+                tokenizer = load_tokenizer(directory)
+            else:  # a hub name vLLM resolved itself: its config holds the lists
+                suppress = list(config.hf_config.suppress_tokens or [])
+                begin = list(config.hf_config.begin_suppress_tokens or [])
+                from transformers import AutoTokenizer
+
+                fast = AutoTokenizer.from_pretrained(config.tokenizer)  # vLLM has fetched it by now
+                tokenizer = WhisperTokenizer(fast.backend_tokenizer, multilingual=vocab >= 51865)
+            rules = Suppression(vocab, suppress, begin, runner.device), TimestampRules(tokenizer), tokenizer
+            log.info("Whisper rules active: %d tokens suppressed, %d more at the first step, timestamps from id %d",
+                     len(suppress), len(begin), tokenizer.timestamp_begin)
+        runner._specasr_rules = rules
+    return runner._specasr_rules
+
+
+def timestamp_contexts(requests: list[Any], timed: Callable[[list[int]], bool],
+                       spec: Any) -> tuple[list[int], list[list[int]]]:
+    """The logits rows that decode with timestamps, and for each the tokens generated before it.
+
+    ``requests`` are vLLM's per-request states in batch order (``prompt_token_ids``: the decoder prompt;
+    ``output_token_ids``: the tokens sampled so far); ``timed(prompt)`` says whether a request decodes with
+    timestamps (``WhisperTokenizer.asks_for_timestamps``). Rows are laid out as in ``first_positions``; a
+    request's row ``k`` follows its first ``k`` drafts.
+    """
+    per_request = [1] * len(requests) if spec is None else [n + 1 for n in spec.num_draft_tokens]
+    flags = [timed(state.prompt_token_ids or []) for state in requests]
+    if not any(flags):
+        return [], []
+    drafts = spec.draft_token_ids.tolist() if spec is not None and any(spec.num_draft_tokens) else []
+    rows, contexts, start, drafted = [], [], 0, 0
+    for state, count, flag in zip(requests, per_request, flags):
+        if flag:
+            output = list(state.output_token_ids)
+            ahead = drafts[drafted : drafted + count - 1]
+            rows += range(start, start + count)
+            contexts += [output + ahead[:k] for k in range(count)]
+        start += count
+        drafted += count - 1
+    return rows, contexts
+
+
+def _raise_if_async(runner: Any) -> None:
+    """With asynchronous scheduling a request's newest tokens are placeholders when the rules need them."""
+    if getattr(runner, "use_async_scheduling", False):
+        raise RuntimeError("Whisper's timestamp rules need each request's tokens so far, which vLLM's asynchronous "
+                           "scheduling has not filled in yet; start vLLM with --no-async-scheduling")
 
 
 def first_positions(req_ids: list[str], new: set[str], spec: Any, rows: int) -> torch.Tensor:

@@ -129,7 +129,7 @@ def _runner_facts(worker) -> dict:
     runner = worker.model_runner
     kind = type(runner)
     return {"class": f"{kind.__module__}.{kind.__qualname__}", "hooked": is_hooked(runner),
-            "suppression": getattr(runner, "_specasr_suppression", None) is not None}
+            "suppression": getattr(runner, "_specasr_rules", None) is not None}
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ class SpecASRProposer:
             self._prompt_len[rid] = len(prompt)
             language = next((code for code, i in tok.language_ids.items() if i in prompt), "en")
             task = "translate" if tok.translate in prompt else "transcribe"
-            self.drafter.start(rid, language, task, timestamps=tok.no_timestamps not in prompt,
+            self.drafter.start(rid, language, task, timestamps=tok.asks_for_timestamps(prompt),
                                mel=_input_features(state).clone())
             params = getattr(state, "sampling_params", None)
             if params is not None and params.temperature > 0 and params.seed is not None:

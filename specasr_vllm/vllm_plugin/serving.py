@@ -2,16 +2,23 @@
 (``AsyncLLM``, the SpecASR proposer inside it), so ``specasr serve --engine vllm`` answers exactly as the
 embedded engine does (formats, streams, limits, queue, errors, metrics) while vLLM batches requests.
 
-The per-window rules are ours (``engine.window_rules``): language detection (one token among the
-language tokens), the prompt and ``condition_on_previous_text``, the temperature fallback with its
-thresholds, the silence skip. What vLLM cannot do here, and what this engine does instead:
+The per-window rules are ours (``engine.window_rules``, ``engine.longform``): language detection (one token
+among the language tokens), the prompt and ``condition_on_previous_text``, the temperature fallback with its
+thresholds, the silence skip, and Whisper's long form: audio over 30 s is decoded window after window from a
+seek point, with timestamps (the plugin's ``_sample`` hook applies Whisper's timestamp grammar inside vLLM),
+keeping the complete segments and seeking to the last one's end, as the embedded engine does. Audio up to
+30 s is one window, with timestamps when the response format asks for them. What differs, and why:
 
-- Whisper in vLLM 0.32 has no timestamp rules (the plugin applies Whisper's suppression only), so every
-  window decodes with ``<|notimestamps|>``. Audio up to 30 s is one window, decoded as the embedded
-  engine decodes it for ``json`` and ``text`` (greedy: the same tokens). Longer audio is cut into
-  consecutive 30 s windows, each one segment (openai-whisper's long form without timestamps), where the
-  embedded engine seeks by predicted timestamps: segments, and text at window edges, differ.
-- Word timestamps need the target's cross-attention, which vLLM does not expose: refused (400).
+- vLLM computes each window's log-mel from that window's samples (its Whisper processor takes audio, not
+  features), where the embedded engine slices the whole recording's log-mel, so the floor of Whisper's
+  normalisation (max - 8 dB) is the window's rather than the recording's, and past the end the padding is
+  silence's features rather than zeros. Short audio is unaffected (one window, the same samples); on long
+  audio greedy tokens can differ where a token is nearly a tie (measured: the same text on the dev set's two
+  long English files, the same segments but for the last one's end; on the long German file 4 words differ).
+- Word timestamps need the target's cross-attention, which vLLM does not expose: the server runs the
+  alignment pass itself, on its own copy of the target (loaded at the first such request) and on the
+  features the embedded engine would use (the window of the recording's log-mel), one encoder pass per
+  window more; with the same tokens, the same words and times as the embedded engine.
 - ``no_speech_prob`` comes from vLLM's prompt log-probabilities at ``<|startoftranscript|>`` (the top
   ``NO_SPEECH_TOP`` tokens): exact whenever ``<|nospeech|>`` is among them, which it always is when it can
   pass the silence threshold (it is then the likeliest token); otherwise reported as 0.
@@ -21,9 +28,11 @@ thresholds, the silence skip. What vLLM cannot do here, and what this engine doe
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -31,15 +40,18 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
-from specasr_vllm.audio import check_finite
-from specasr_vllm.config import MAX_TARGET_POSITIONS, N_FRAMES, N_SAMPLES, SAMPLE_RATE, DecodeOptions
+from specasr_vllm.audio import check_finite, log_mel_spectrogram
+from specasr_vllm.config import HOP_LENGTH, MAX_TARGET_POSITIONS, N_FRAMES, N_SAMPLES, SAMPLE_RATE, DecodeOptions
+from specasr_vllm.engine.alignment import align_windows, assign_words
 from specasr_vllm.engine.decoded import Decoded
-from specasr_vllm.engine.segments import Segment, window_segments
+from specasr_vllm.engine.longform import history_tokens, is_long, window_features, window_outcome
+from specasr_vllm.engine.segments import Segment
 from specasr_vllm.engine.transcriber import Transcript
-from specasr_vllm.engine.window_rules import attempt_seed, is_silence, needs_fallback, window_context
+from specasr_vllm.engine.window_rules import attempt_seed, needs_fallback, window_context
 from specasr_vllm.errors import InvalidRequestError
-from specasr_vllm.models.registry import load_tokenizer, resolve_model
+from specasr_vllm.models.registry import ASRModel, alignment_heads, load_model, load_tokenizer, resolve_model
 from specasr_vllm.speculation.stats import COUNTERS, SpecStats
 from specasr_vllm.vllm_plugin.hooks import PROPOSER_STATS
 from specasr_vllm.vllm_plugin.launch import batch_options, engine_options, plugin_settings, serving_dir, variables
@@ -62,12 +74,18 @@ def engine_args(options: list[str]) -> Any:
 class VLLMEngine:
     """One vLLM engine behind our server: ``start`` builds it, ``transcribe`` decodes one request."""
 
-    def __init__(self, name: str, args: Any, *, speculative: bool):
+    def __init__(self, name: str, args: Any, *, speculative: bool, ray_metrics: bool = False):
         self.name = name  # the target's model name, as the server reports it
         self.args = args
         self.speculative = speculative
+        # in a Ray Serve replica vLLM's own metrics go through Ray's metrics agent (vLLM's Ray stat logger, as
+        # Ray's LLM serving does it), where Prometheus scrapes every replica, as ``ray_vllm_*``
+        self.ray_metrics = ray_metrics
         self.tokenizer = load_tokenizer(resolve_model(name))
         self.max_batch = args.max_num_seqs or 256  # vLLM's own default when unset
+        self.alignment_heads = alignment_heads(resolve_model(name))
+        self._aligner: ASRModel | None = None  # our copy of the target, for word timestamps (loaded when asked)
+        self._aligning = threading.Lock()  # one alignment pass at a time, off the event loop
         self.llm: Any = None
         self._ids = itertools.count()
         self._seen = SpecStats()  # the proposer's totals at the last ``speculation_since_last`` call
@@ -75,13 +93,14 @@ class VLLMEngine:
     @classmethod
     def build(cls, model: str, method: str, *, draft: str | None = None, spec: dict | None = None,
               served_name: str | None = None, eager: bool = False, batch_size: int | None = None,
-              extra: list[str] = ()) -> VLLMEngine:
+              extra: list[str] = (), ray_metrics: bool = False) -> VLLMEngine:
         """The engine for our settings (those ``specasr serve --engine vllm`` and the Ray app take), plus more
         vLLM engine options in ``extra``; nothing starts until ``start``."""
         settings, tokens = plugin_settings(method, draft, spec or {})
         options = engine_options(serving_dir(model, settings), method, tokens, [served_name or model])
         options += (["--enforce-eager"] if eager else []) + (batch_options(batch_size) if batch_size else [])
-        return cls(model, engine_args(options + list(extra)), speculative=method != "ar")
+        options += ["--no-async-scheduling"]  # the timestamp rules read each request's tokens so far (hooks.py)
+        return cls(model, engine_args(options + list(extra)), speculative=method != "ar", ray_metrics=ray_metrics)
 
     # ---- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -91,7 +110,12 @@ class VLLMEngine:
         from specasr_vllm.vllm_plugin.version import check_vllm
 
         check_vllm()
-        self.llm = AsyncLLM.from_engine_args(self.args)
+        loggers = None
+        if self.ray_metrics:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            loggers = [RayPrometheusStatLogger]
+        self.llm = AsyncLLM.from_engine_args(self.args, stat_loggers=loggers)
 
     async def warm(self) -> float:
         """Decode one second of silence, so the first request does not pay for first-call allocations (and,
@@ -113,40 +137,72 @@ class VLLMEngine:
     # ---- one request -----------------------------------------------------------------------------
     def check(self, options: DecodeOptions) -> None:
         """Refuse what this engine cannot decode, before the upload is decoded or queued."""
-        if options.word_timestamps:
-            raise InvalidRequestError("word timestamps need the target's cross-attention, which vLLM does not "
-                                      "expose; use the embedded engine (specasr serve --engine embedded)")
+        if options.word_timestamps and not self.alignment_heads:
+            raise InvalidRequestError(f"{self.name} names no alignment heads: word timestamps need them")
 
     async def transcribe(self, audio: np.ndarray, language: str | None, options: DecodeOptions,
                          on_window: Callable[[list[Segment]], None] | None = None) -> Transcript:
-        """One request's transcript: its 30 s windows in order, each with the temperature fallback."""
+        """One request's transcript: one window, or Whisper's long form over windows from seek points, each
+        window with the temperature fallback."""
         self.check(options)
         if not self.alive:
             raise RuntimeError("the vLLM engine is not running")
         check_finite(audio, "audio")
         began = time.perf_counter()
         tok = self.tokenizer
+        long = is_long(len(audio))
+        timestamps = long or options.timestamps
         language = "en" if not tok.multilingual else (tok.language_code(language) if language else None)
-        clips = [audio[i : i + N_SAMPLES] for i in range(0, max(len(audio), 1), N_SAMPLES)]
         if language is None:
-            language = await self._detect_language(clips[0])
+            language = await self._detect_language(audio[:N_SAMPLES])
         duration = len(audio) / SAMPLE_RATE
+        end = len(audio) // HOP_LENGTH if long else N_FRAMES  # mel frames to decode
         prompt, history, conditioned = tok.prompt_tokens(options.prompt), [], True
         segments: list[Segment] = []
         stats = SpecStats()
-        for index, clip in enumerate(clips):
-            prefix = tok.prefix(language, options.task, False, window_context(prompt, history, conditioned, options))
-            decoded = await self._decode_with_fallback(clip, prefix, options, index * N_FRAMES, stats)
-            start = index * N_SAMPLES / SAMPLE_RATE
-            window = [] if is_silence(decoded, options) else window_segments(
-                decoded, tok, start, min(start + N_SAMPLES / SAMPLE_RATE, duration))
+        mel = None  # for word timestamps: the features the embedded engine decodes (the recording's, or the window's)
+        seek = 0
+        while seek < end:
+            frames = min(N_FRAMES, end - seek) if long else min(len(audio) // HOP_LENGTH, N_FRAMES)
+            clip = audio[seek * HOP_LENGTH : (seek + frames) * HOP_LENGTH] if long else audio
+            prefix = tok.prefix(language, options.task, timestamps, window_context(prompt, history, conditioned, options))
+            decoded = await self._decode_with_fallback(clip, prefix, options, seek, stats)
+            window, advance = window_outcome(decoded, tok, options, long=long, seek=seek, frames=frames,
+                                             duration=duration)
+            if options.word_timestamps and window:
+                mel = await asyncio.to_thread(self._add_words, window, audio, mel, seek, prefix, frames)
+            seek += advance
             segments += window
             conditioned = decoded.temperature < 0.5
-            history += [t for s in window for t in s.tokens]
+            history += history_tokens(window, tok)
             if on_window is not None:
                 on_window(window)
         return Transcript(text=" ".join(s.text for s in segments if s.text), language=language, duration=duration,
                           segments=segments, stats=stats, timings={"engine": time.perf_counter() - began})
+
+    def _aligner_model(self) -> ASRModel:
+        """Our copy of the target (eager, on the CPU), loaded at the first request for word timestamps."""
+        with self._aligning:
+            if self._aligner is None:
+                self._aligner = load_model(self.name)
+            return self._aligner
+
+    def _add_words(self, segments: list[Segment], audio: np.ndarray, mel: torch.Tensor | None, seek: int,
+                   prefix: list[int], frames: int) -> torch.Tensor:
+        """Word timestamps for a window's kept segments: the embedded engine's alignment pass, on our model and
+        the embedded engine's features (``mel``: the request's log-mel, computed here at its first window and
+        returned for the next)."""
+        asr = self._aligner_model()
+        long = is_long(len(audio))
+        if mel is None:
+            mel = log_mel_spectrogram(audio, asr.n_mels, pad=not long)
+        window = window_features(mel, seek)[0] if long else mel
+        with self._aligning, torch.inference_mode():
+            features = asr.model.encode(window[None].to(asr.model.device))
+            words = align_windows(asr, features, [prefix], [[t for s in segments for t in s.tokens]], [frames],
+                                  [segments[0].window_start])[0]
+        assign_words(asr.tokenizer, segments, words)
+        return mel
 
     async def _decode_with_fallback(self, clip: np.ndarray, prefix: list[int], options: DecodeOptions, seek: int,
                                     stats: SpecStats) -> Decoded:
@@ -207,7 +263,8 @@ class VLLMEngine:
         return f"specasr-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
 
     def exposition(self) -> bytes:
-        """vLLM's own metrics (``vllm:*``, ``vllm:spec_decode_*`` among them) in Prometheus' text format."""
+        """vLLM's own metrics (``vllm:*``, ``vllm:spec_decode_*`` among them) in Prometheus' text format (none
+        under Ray: its agent exports them)."""
         import prometheus_client as prom
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 
