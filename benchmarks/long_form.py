@@ -53,6 +53,10 @@ def run_vllm(method: str, files: list, reps: int, eager: bool) -> tuple[list[Tra
                       files, reps)
     finally:
         engine.shutdown()
+        pending = asyncio.all_tasks(loop)  # AsyncLLM's output task: cancelled before its loop closes
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
 
 

@@ -109,7 +109,8 @@ def whisper_hf_config(base_dir):
 
 
 def _model_config(v, model_dir, hf_config) -> Any:
-    config = vllm_fake(v.ModelConfig, model=str(model_dir), max_model_len=448, hf_config=hf_config)
+    config = vllm_fake(v.ModelConfig, model=str(model_dir), tokenizer=str(model_dir), max_model_len=448,
+                       hf_config=hf_config)
     config.get_vocab_size.return_value = hf_config.vocab_size
     return config
 
@@ -119,34 +120,28 @@ def _decoding(v, prompt: list[int], output: list[int]) -> Any:
     return vllm_fake(v.CachedRequestState, prompt_token_ids=prompt, output_token_ids=output)
 
 
-def _runner(v, model_config, req_ids: list[str], new: set[str], requests: dict | None = None,
-            async_scheduling: bool = False) -> Any:
-    """A V1 runner with these requests in its batch (by default each without timestamps, nothing generated)."""
-    untimed = [50258, 50363]  # whisper-base's <|startoftranscript|> <|notimestamps|>
-    requests = requests or {rid: _decoding(v, untimed, []) for rid in req_ids}
-    runner = vllm_fake(v.GPUModelRunner, model_config=model_config, device=torch.device("cpu"),
-                       input_batch=vllm_fake(v.InputBatch, req_ids=req_ids), requests=requests,
-                       use_async_scheduling=async_scheduling)
-    runner._specasr_new_reqs = new  # the plugin's own attribute (set by the execute_model hook)
-    return runner
+UNTIMED = [50258, 50363]  # whisper-base's <|startoftranscript|> <|notimestamps|>
+
+
+def _runner(v, model_config, requests: dict) -> Any:
+    """A V1 runner with these requests (id: state) in its batch, in this order."""
+    return vllm_fake(v.GPUModelRunner, model_config=model_config, device=torch.device("cpu"),
+                     input_batch=vllm_fake(v.InputBatch, req_ids=list(requests)), requests=requests)
 
 
 # ---- the runner hooks ----------------------------------------------------------------------------------------
-def test_first_positions_without_drafts_are_one_row_per_request():
-    first = hooks.first_positions(["a", "b", "c"], {"b"}, None, 3)
-    assert first.tolist() == [False, True, False]
-
-
-def test_first_positions_with_drafts_skip_each_requests_draft_rows(v):
-    spec = vllm_fake(v.SpecDecodeMetadata, num_draft_tokens=[2, 0, 3])  # rows: a a a | b | c c c c
-    first = hooks.first_positions(["a", "b", "c"], {"b", "c"}, spec, 8)
-    assert first.nonzero().flatten().tolist() == [3, 4]
+def test_first_positions_are_the_first_rows_of_requests_that_generated_nothing(v):
+    a, b, c = _decoding(v, UNTIMED, [7]), _decoding(v, UNTIMED, []), _decoding(v, UNTIMED, [])
+    assert hooks.first_positions([a, b, c], None, 3).tolist() == [False, True, True]
+    spec = vllm_fake(v.SpecDecodeMetadata, num_draft_tokens=[2, 0, 0])  # rows: a a a | b | c
+    assert hooks.first_positions([a, b, c], spec, 5).nonzero().flatten().tolist() == [3, 4]
 
 
 def test_sample_hook_applies_whispers_suppression(v, base, base_dir, whisper_hf_config):
     sample = hooks._wrap_sample(lambda runner, logits, spec: logits)  # the original sampler sees the masked logits
     logits = torch.zeros(2, whisper_hf_config.vocab_size)
-    out = sample(_runner(v, _model_config(v, base_dir, whisper_hf_config), ["new", "old"], {"new"}), logits, None)
+    requests = {"new": _decoding(v, UNTIMED, []), "old": _decoding(v, UNTIMED, [400])}
+    out = sample(_runner(v, _model_config(v, base_dir, whisper_hf_config), requests), logits, None)
     blank, eot = base.begin_suppress_tokens
     assert torch.isinf(out[:, base.suppress_tokens]).all()  # everywhere
     assert torch.isinf(out[0, [blank, eot]]).all() and not torch.isinf(out[1, [blank, eot]]).any()  # first step only
@@ -181,34 +176,24 @@ def test_sample_hook_applies_the_embedded_engines_timestamp_rules(v, base, base_
                      draft_token_ids=torch.tensor([ts + 40, ts + 40]))
     logits = torch.randn(6, whisper_hf_config.vocab_size, generator=torch.Generator().manual_seed(0))
     logits[:, ts + 45] = 30.0  # a late timestamp that wins wherever the grammar allows it
-    runner = _runner(v, _model_config(v, base_dir, whisper_hf_config), list(requests), {"new"}, requests)
+    runner = _runner(v, _model_config(v, base_dir, whisper_hf_config), requests)
     out = hooks._wrap_sample(lambda runner, logits, spec: logits)(runner, logits, spec)
     contexts = [[], [ts + 10, 400, 500], [ts + 10, 400, 500, ts + 40], [ts + 10, 400, 500, ts + 40, ts + 40]]
     first = torch.tensor([True, False, False, False])
     assert torch.equal(out[:4], rules.timestamp_mask(rules.mask(logits[:4], first), contexts))
-    assert torch.equal(out[4:], rules.mask(logits[4:], False))  # without timestamps: suppression only
+    # without timestamps: suppression only (begin-suppression where nothing was generated yet)
+    assert torch.equal(out[4:], rules.mask(logits[4:], torch.tensor([False, True])))
     picks = out[:4].argmax(-1).tolist()  # the late timestamp: first (<= 1 s), inside a segment, closing it
     assert picks[:3] == [ts + 45] * 3 and picks[3] < ts  # ... but never after a closed pair
-    with pytest.raises(RuntimeError, match="no-async-scheduling"):
-        hooks._wrap_sample(lambda runner, logits, spec: logits)(
-            _runner(v, _model_config(v, base_dir, whisper_hf_config), list(requests), set(), requests, True),
-            logits, spec)
 
 
 def test_sample_hook_leaves_other_models_alone(v, tmp_path):
     from transformers import LlamaConfig
 
     sample = hooks._wrap_sample(lambda runner, logits, spec: logits)
-    runner = _runner(v, _model_config(v, tmp_path, LlamaConfig(vocab_size=100)), ["a"], {"a"})
+    runner = _runner(v, _model_config(v, tmp_path, LlamaConfig(vocab_size=100)), {"a": _decoding(v, [1], [])})
     logits = torch.zeros(1, 100)
     assert sample(runner, logits, None) is logits
-
-
-def test_execute_hook_notes_the_steps_new_requests(v):
-    execute = hooks._wrap_execute(lambda runner, scheduler_output, intermediate_tensors=None: "output")
-    runner = vllm_fake(v.GPUModelRunner)
-    step = vllm_fake(v.SchedulerOutput, scheduled_new_reqs=[vllm_fake(v.NewRequestData, req_id="a")])
-    assert execute(runner, step) == "output" and runner._specasr_new_reqs == {"a"}
 
 
 def test_propose_hook_binds_only_the_specasr_proposer(v):
@@ -224,8 +209,7 @@ def test_register_wraps_the_v1_runner_that_vllm_runs_here(v):
     hooks.register()  # vLLM calls it in every process; repeating it changes nothing
     hooks.register()
     runner = v.GPUModelRunner
-    expected = {"execute_model": ["self", "scheduler_output"], "_sample": ["self", "logits", "spec_decode_metadata"],
-                "propose_draft_token_ids": ["self", "scheduler_output"]}
+    expected = {"_sample": ["self", "logits", "spec_decode_metadata"], "propose_draft_token_ids": ["self", "scheduler_output"]}
     for name, leading in expected.items():
         method = getattr(runner, name)
         original = method.__wrapped__
@@ -237,6 +221,27 @@ def test_register_wraps_the_v1_runner_that_vllm_runs_here(v):
 
             assert getattr(CPUModelRunner, name) is method
     assert hooks.is_hooked(vllm_fake(runner)) and not hooks.is_hooked(object())
+    assert v.VllmConfig.__post_init__.__code__.co_filename == hooks.__file__  # the scheduling rule
+
+
+def test_whisper_is_scheduled_synchronously_unless_asked_otherwise(v, whisper_hf_config):
+    from transformers import LlamaConfig
+    from vllm.config import SchedulerConfig
+
+    post_init = hooks._wrap_post_init(lambda config: None)  # vLLM resolves an unset value after the hook
+
+    def config(hf_config, asked):
+        return vllm_fake(v.VllmConfig, model_config=vllm_fake(v.ModelConfig, hf_config=hf_config),
+                         scheduler_config=vllm_fake(SchedulerConfig, async_scheduling=asked))
+
+    whisper, llama = config(whisper_hf_config, None), config(LlamaConfig(), None)
+    post_init(whisper)
+    post_init(llama)
+    assert whisper.scheduler_config.async_scheduling is False and llama.scheduler_config.async_scheduling is None
+    post_init(quiet := config(whisper_hf_config, False))
+    assert quiet.scheduler_config.async_scheduling is False
+    with pytest.raises(hooks.AsyncSchedulingError, match="drop --async-scheduling"):
+        post_init(config(whisper_hf_config, True))
 
 
 # ---- the runner choice -----------------------------------------------------------------------------------------

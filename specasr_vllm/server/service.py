@@ -46,7 +46,8 @@ class Service:
         return int(self.config.max_upload_mb * 1_000_000)
 
     def exposition(self) -> bytes:
-        """``/metrics``: ours, then the engine's own where it keeps some (vLLM's ``vllm:*``)."""
+        """``/metrics``: ours, then the engine's own where it keeps some (vLLM's ``vllm:*``; under Ray both go
+        through Ray's metrics agent instead)."""
         ours = self.metrics.exposition()
         return ours if isinstance(self.engine, Transcriber) else ours + self.engine.exposition()
 

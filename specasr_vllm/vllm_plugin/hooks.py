@@ -2,18 +2,19 @@
 (``EngineArgs``, the engine core, each worker) before a config or a model runner is built.
 
 It adds one method to vLLM's workers, ``specasr_proposer_stats`` (the proposer's counters, for
-``collective_rpc`` by name), and wraps three methods of vLLM's V1 model runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``;
+``collective_rpc`` by name), and wraps two methods of vLLM's V1 model runner (``vllm.v1.worker.gpu_model_runner.GPUModelRunner``;
 the CPU build's ``CPUModelRunner`` and XPU's inherit them), each a no-op unless it concerns a Whisper
 target or the SpecASR proposer:
 
-- ``execute_model``: notes which requests start this step (their first sampled token is the one
-  Whisper's ``begin_suppress_tokens`` apply to);
-- ``_sample``: applies Whisper's suppression to the logits of every sampled or verified position, and
-  the timestamp grammar (``models.rules.TimestampRules``) to the positions of requests whose decoder
-  prompt asks for timestamps (``WhisperTokenizer.asks_for_timestamps``), each position with the tokens
-  before it (the request's output so far, then the draft tokens ahead of that position). vLLM 0.32 applies none of these rules, and
-  it refuses custom logits processors once speculative decoding is on, so they go in here, for vLLM
-  with and without speculation alike;
+- ``_sample``: applies Whisper's rules to the logits of every sampled or verified position: the
+  suppression lists (``begin_suppress_tokens`` too at a request's first generated token), and the timestamp
+  grammar (``models.rules.TimestampRules``) at the positions of requests whose decoder prompt asks for
+  timestamps (``WhisperTokenizer.asks_for_timestamps``), each position with the tokens before it (the
+  request's output so far, then the draft tokens ahead of that position). vLLM 0.32 applies none of these
+  rules, and it refuses custom logits processors once speculative decoding is on, so they go in here, for
+  vLLM with and without speculation alike. The rules read each request's tokens so far, which vLLM's
+  asynchronous scheduling leaves as placeholders until later, so for Whisper the plugin turns that
+  scheduling off unless asked for (and refuses to start when it is);
 - ``propose_draft_token_ids``: binds the runner and scheduler output to ``SpecASRProposer`` (request
   ids, audio features, finished and preempted requests), which the ``custom_class`` hook does not pass.
 
@@ -24,7 +25,9 @@ the input processor): ``VLLM_USE_V2_MODEL_RUNNER`` if set, else V1 without Trito
 ``_get_v2_model_runner_unsupported_features()`` lists anything (it already lists ``custom_class``),
 else V2. The plugin adds Whisper to that list, so vLLM's own fallback chooses V1 (and logs why); where
 V2 is forced anyway (``VLLM_USE_V2_MODEL_RUNNER=1``, or a V2-only feature) the property raises
-``RunnerNotCoveredError`` at start-up instead of letting Whisper decode without its rules.
+``RunnerNotCoveredError`` at start-up instead of letting Whisper decode without its rules. In the same
+way ``VllmConfig.__post_init__`` (where vLLM resolves ``async_scheduling``) sets it off for Whisper unless
+the user set it, and refuses it if they did.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ from typing import Any
 import torch
 
 from specasr_vllm.errors import UnsupportedVLLMError
-from specasr_vllm.models.registry import load_tokenizer, suppression_lists
+from specasr_vllm.models.registry import suppression_lists
 from specasr_vllm.models.rules import Suppression, TimestampRules
 from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.vllm_plugin.version import check_vllm
 
 log = logging.getLogger(__name__)
 _PATCHED = "_specasr_patched"
+_PATCHED_SCHEDULING = "_specasr_patched_scheduling"
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"  # vLLM's switch (envs.py): "0" forces the V1 model runner
 WHY_V1 = "Whisper models with the specasr-vllm plugin (its hooks cover the V1 model runner only)"
 
@@ -67,6 +71,7 @@ def register() -> None:
 
     patch_runner(GPUModelRunner)
     patch_runner_choice(VllmConfig)
+    patch_scheduling(VllmConfig)
     setattr(WorkerBase, PROPOSER_STATS, proposer_stats)  # collective_rpc(PROPOSER_STATS) reaches it by name
 
 
@@ -94,7 +99,7 @@ def is_whisper(model_config: Any) -> bool:
 def runner_not_covered_message() -> str:
     """The problem and both fixes, for whoever starts vLLM on a Whisper model with the V2 runner forced."""
     return ("vLLM chose its V2 model runner for a Whisper model, but specasr-vllm applies Whisper's "
-            "suppress_tokens / begin_suppress_tokens and feeds the SpecASR proposer only in the V1 model runner "
+            "suppress_tokens / begin_suppress_tokens and timestamp rules and feeds the SpecASR proposer only in the V1 model runner "
             "(vllm.v1.worker.gpu_model_runner.GPUModelRunner and its CPU subclass); without them vLLM's tokens "
             f"differ from Whisper's. Set {RUNNER_ENV}=0 (and enable no V2-only feature such as HiSparse or "
             "watermarking), or run vLLM without this plugin (VLLM_PLUGINS listing the plugins to load, "
@@ -144,24 +149,12 @@ def is_hooked(runner: Any) -> bool:
 
 
 def patch_runner(runner_cls: type) -> None:
-    """Wrap the three methods of vLLM's V1 model runner class (subclasses inherit the wrappers)."""
+    """Wrap the two methods of vLLM's V1 model runner class (subclasses inherit the wrappers)."""
     if runner_cls.__dict__.get(_PATCHED, False):
         return
-    runner_cls.execute_model = _wrap_execute(runner_cls.execute_model)
     runner_cls._sample = _wrap_sample(runner_cls._sample)
     runner_cls.propose_draft_token_ids = _wrap_propose(runner_cls.propose_draft_token_ids)
     setattr(runner_cls, _PATCHED, True)
-
-
-def _wrap_execute(execute: Callable) -> Callable:
-    """Remember this step's new requests: ``_sample`` begin-suppresses their first position."""
-
-    @functools.wraps(execute)
-    def execute_model(self, scheduler_output, *args, **kwargs):
-        self._specasr_new_reqs = {req.req_id for req in scheduler_output.scheduled_new_reqs}
-        return execute(self, scheduler_output, *args, **kwargs)
-
-    return execute_model
 
 
 def _wrap_sample(sample: Callable) -> Callable:
@@ -172,14 +165,11 @@ def _wrap_sample(sample: Callable) -> Callable:
         rules = _rules(self)
         if rules is not None and logits is not None:
             suppression, timestamps, tokenizer = rules
-            req_ids = self.input_batch.req_ids
-            first = first_positions(req_ids, getattr(self, "_specasr_new_reqs", set()), spec_decode_metadata,
-                                    logits.shape[0])
+            requests = [self.requests[rid] for rid in self.input_batch.req_ids]
+            first = first_positions(requests, spec_decode_metadata, logits.shape[0])
             logits = suppression.mask(logits, first.to(logits.device))
-            rows, contexts = timestamp_contexts(
-                [self.requests[rid] for rid in req_ids], tokenizer.asks_for_timestamps, spec_decode_metadata)
+            rows, contexts = timestamp_contexts(requests, tokenizer.asks_for_timestamps, spec_decode_metadata)
             if rows:
-                _raise_if_async(self)
                 index = torch.tensor(rows, device=logits.device)
                 logits = logits.index_copy(0, index, timestamps.mask(logits[index], contexts))
         return sample(self, logits, spec_decode_metadata)
@@ -206,23 +196,25 @@ def _rules(runner: Any) -> tuple[Suppression, TimestampRules, WhisperTokenizer] 
         config = runner.model_config
         rules = None
         if is_whisper(config):
-            directory = Path(config.model)
-            vocab = config.get_vocab_size()
-            if directory.is_dir():
-                suppress, begin = suppression_lists(directory)
-                tokenizer = load_tokenizer(directory)
-            else:  # a hub name vLLM resolved itself: its config holds the lists
-                suppress = list(config.hf_config.suppress_tokens or [])
-                begin = list(config.hf_config.begin_suppress_tokens or [])
-                from transformers import AutoTokenizer
-
-                fast = AutoTokenizer.from_pretrained(config.tokenizer)  # vLLM has fetched it by now
-                tokenizer = WhisperTokenizer(fast.backend_tokenizer, multilingual=vocab >= 51865)
+            directory, vocab = Path(config.model), config.get_vocab_size()
+            suppress, begin = suppression_lists(directory) if directory.is_dir() else (  # a hub name: its config
+                list(config.hf_config.suppress_tokens or []), list(config.hf_config.begin_suppress_tokens or []))
+            tokenizer = _tokenizer(config.tokenizer, vocab)
             rules = Suppression(vocab, suppress, begin, runner.device), TimestampRules(tokenizer), tokenizer
             log.info("Whisper rules active: %d tokens suppressed, %d more at the first step, timestamps from id %d",
                      len(suppress), len(begin), tokenizer.timestamp_begin)
         runner._specasr_rules = rules
     return runner._specasr_rules
+
+
+def _tokenizer(name: str, vocab: int) -> WhisperTokenizer:
+    """vLLM's tokenizer (``--tokenizer``, by default the model) as ours: from its directory, or for a hub name
+    from the copy vLLM has fetched."""
+    if (Path(name) / "tokenizer.json").is_file():
+        return WhisperTokenizer.from_dir(Path(name), vocab)
+    from transformers import AutoTokenizer
+
+    return WhisperTokenizer(AutoTokenizer.from_pretrained(name).backend_tokenizer, multilingual=vocab >= 51865)
 
 
 def timestamp_contexts(requests: list[Any], timed: Callable[[list[int]], bool],
@@ -231,10 +223,10 @@ def timestamp_contexts(requests: list[Any], timed: Callable[[list[int]], bool],
 
     ``requests`` are vLLM's per-request states in batch order (``prompt_token_ids``: the decoder prompt;
     ``output_token_ids``: the tokens sampled so far); ``timed(prompt)`` says whether a request decodes with
-    timestamps (``WhisperTokenizer.asks_for_timestamps``). Rows are laid out as in ``first_positions``; a
+    timestamps (``WhisperTokenizer.asks_for_timestamps``). Rows as ``rows_per_request`` lays them out; a
     request's row ``k`` follows its first ``k`` drafts.
     """
-    per_request = [1] * len(requests) if spec is None else [n + 1 for n in spec.num_draft_tokens]
+    per_request = rows_per_request(requests, spec)
     flags = [timed(state.prompt_token_ids or []) for state in requests]
     if not any(flags):
         return [], []
@@ -251,26 +243,50 @@ def timestamp_contexts(requests: list[Any], timed: Callable[[list[int]], bool],
     return rows, contexts
 
 
-def _raise_if_async(runner: Any) -> None:
-    """With asynchronous scheduling a request's newest tokens are placeholders when the rules need them."""
-    if getattr(runner, "use_async_scheduling", False):
-        raise RuntimeError("Whisper's timestamp rules need each request's tokens so far, which vLLM's asynchronous "
-                           "scheduling has not filled in yet; start vLLM with --no-async-scheduling")
+def rows_per_request(requests: list[Any], spec: Any) -> list[int]:
+    """Logits rows per request, in batch order: one each without drafts; with drafts, request ``i`` owns
+    ``num_draft_tokens[i] + 1`` consecutive rows (its draft positions, then the bonus position)."""
+    return [1] * len(requests) if spec is None else [n + 1 for n in spec.num_draft_tokens]
 
 
-def first_positions(req_ids: list[str], new: set[str], spec: Any, rows: int) -> torch.Tensor:
-    """Which logits rows are a request's first generated token (the rows of new requests' first position).
-
-    Without drafts there is one row per request in batch order; with drafts, request ``i`` owns
-    ``num_draft_tokens[i] + 1`` consecutive rows (its draft positions, then the bonus position).
-    """
+def first_positions(requests: list[Any], spec: Any, rows: int) -> torch.Tensor:
+    """Which logits rows are a request's first generated token (where ``begin_suppress_tokens`` apply): the
+    first row of each request that has generated nothing yet (it has no drafts then; vLLM does not chunk an
+    encoder-decoder model's prefill, so that row is sampled)."""
     first = torch.zeros(rows, dtype=torch.bool)
-    if not new:
-        return first
-    per_request = [1] * len(req_ids) if spec is None else [n + 1 for n in spec.num_draft_tokens]
     start = 0
-    for rid, count in zip(req_ids, per_request):
-        if rid in new:
-            first[start] = True
+    for state, count in zip(requests, rows_per_request(requests, spec)):
+        first[start] = not state.output_token_ids
         start += count
     return first
+
+
+# ---- scheduling ----------------------------------------------------------------------------------------
+class AsyncSchedulingError(UnsupportedVLLMError):
+    """vLLM was asked for asynchronous scheduling, under which the plugin cannot apply Whisper's timestamp rules."""
+
+
+def patch_scheduling(config_cls: type) -> None:
+    """Make ``config_cls`` (vLLM's ``VllmConfig``) schedule Whisper synchronously (see the module's docstring)."""
+    if config_cls.__dict__.get(_PATCHED_SCHEDULING, False):
+        return
+    config_cls.__post_init__ = _wrap_post_init(config_cls.__post_init__)
+    setattr(config_cls, _PATCHED_SCHEDULING, True)
+
+
+def _wrap_post_init(post_init: Callable) -> Callable:
+    """Before vLLM resolves ``async_scheduling`` (unset: on where it can be), set it off for Whisper."""
+
+    @functools.wraps(post_init)
+    def __post_init__(self) -> None:
+        scheduler = getattr(self, "scheduler_config", None)
+        if scheduler is not None and is_whisper(self.model_config):
+            if scheduler.async_scheduling:
+                raise AsyncSchedulingError(
+                    "vLLM's asynchronous scheduling leaves each request's newest tokens as placeholders when "
+                    "specasr-vllm applies Whisper's timestamp rules; drop --async-scheduling (the plugin schedules "
+                    "Whisper synchronously), or run vLLM without this plugin")
+            scheduler.async_scheduling = False
+        post_init(self)
+
+    return __post_init__

@@ -99,7 +99,6 @@ class VLLMEngine:
         settings, tokens = plugin_settings(method, draft, spec or {})
         options = engine_options(serving_dir(model, settings), method, tokens, [served_name or model])
         options += (["--enforce-eager"] if eager else []) + (batch_options(batch_size) if batch_size else [])
-        options += ["--no-async-scheduling"]  # the timestamp rules read each request's tokens so far (hooks.py)
         return cls(model, engine_args(options + list(extra)), speculative=method != "ar", ray_metrics=ray_metrics)
 
     # ---- life cycle ------------------------------------------------------------------------------
