@@ -89,13 +89,15 @@ class TimestampRules:
 
 
 class WhisperRules:
+    """The embedded engine's rules for one target: suppression, the timestamp grammar, how a token is picked
+    (greedy or sampled) and its log-probability, the no-speech probability and language detection."""
+
     def __init__(self, asr: ASRModel):
         vocab = asr.model.dims.vocab_size
         device = asr.model.device
         tok = asr.tokenizer
         self.eot = tok.eot
         self.sot = tok.sot
-        self.timestamp_begin = tok.timestamp_begin
         self.no_speech = tok.no_speech
         self.suppression = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)
         self.mask = self.suppression.mask
