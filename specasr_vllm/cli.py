@@ -213,7 +213,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                     bar.update(1)
             if baseline and start == 0 and audios:  # warm both up so neither pays first-call costs
                 if transcriber.config.compile:  # nor compilation: every graph a batch of this size uses
-                    transcriber.target.model.warm(rows=len(audios))
+                    transcriber.target.model.warm(rows=len(audios), cache=transcriber.cache)
                 for t in (transcriber, baseline):
                     t.transcribe(audios[:1], **options)
             results = _timed(transcriber, audios, options, timings["method"])

@@ -84,9 +84,10 @@ def decode_speculative(
             for pos, i in enumerate(active):
                 tree = trees[keys[i]]
                 acc = accept_greedy(tree, choices[pos * n : (pos + 1) * n], rules.eot)
-                batch.cache.keep(batch.rows[pos], starts[pos], [0] + [node + 1 for node in acc.nodes])
+                inputs_kept = [0] + [node + 1 for node in acc.nodes]  # the root's input, then each accepted node's
+                batch.cache.keep(batch.rows[pos], starts[pos], inputs_kept)
                 new = acc.tokens(tree)[: limit[i] - len(outputs[i].tokens)]
-                kept.append([pos * n + j for j in ([0] + [node + 1 for node in acc.nodes])[: len(new)]])
+                kept.append([pos * n + j for j in inputs_kept[: len(new)]])
                 emitted[keys[i]] = new
             # log-probabilities of the emitted tokens only: each at the input that chose it
             inputs = [j for row_inputs in kept for j in row_inputs]

@@ -142,9 +142,9 @@ class WhisperRules:
         the whole log-softmax."""
         if not rows:
             return []
-        index = torch.tensor(rows, device=masked.device)
+        index, chosen_ids = torch.tensor([rows, tokens], device=masked.device)  # one upload
         picked = masked[index].float()
-        chosen = picked.gather(-1, torch.tensor(tokens, device=masked.device)[:, None])[:, 0]
+        chosen = picked.gather(-1, chosen_ids[:, None])[:, 0]
         return (chosen - picked.logsumexp(-1)).tolist()
 
     def no_speech_prob(self, prefill_logits: torch.Tensor, prefix: list[int]) -> list[float]:

@@ -123,17 +123,18 @@ def bucket(n: int, room: int) -> int:
 
 
 def pad_tokens(width: int, tokens: torch.Tensor, tree_mask: torch.Tensor | None,
-               depths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               depths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``tokens`` (batch, n), their tree mask (default causal) and depths (default 0 .. n - 1), on the tokens'
-    device, padded to ``width`` inputs that see only themselves at depth 0 (``packing.pack_rows``'s padding)."""
+    device, padded to ``width`` inputs that see only themselves at depth 0 (``packing.pack_rows``'s padding).
+    At ``width == n`` they are returned as given (``whisper.step_inputs`` fills in the defaults)."""
+    if width == tokens.shape[1]:
+        return tokens, tree_mask, depths
     batch, n = tokens.shape
     device = tokens.device
     if tree_mask is None:
         tree_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, n, n)
     if depths is None:
         depths = torch.arange(n, device=device).expand(batch, n)
-    if width == n:
-        return tokens, tree_mask.to(device), depths.to(device)
     mask = torch.eye(width, dtype=torch.bool, device=device).repeat(batch, 1, 1)
     mask[:, :n, :n] = tree_mask.to(device)
     return F.pad(tokens, (0, width - n)), mask, F.pad(depths.to(device), (0, width - n))

@@ -166,12 +166,12 @@ def _wrap_sample(sample: Callable) -> Callable:
         if rules is not None and logits is not None:
             suppression, timestamps, tokenizer = rules
             requests = [self.requests[rid] for rid in self.input_batch.req_ids]
-            first = first_positions(requests, spec_decode_metadata, logits.shape[0])
-            logits = suppression.mask(logits, first.to(logits.device))
+            first = first_positions(requests, spec_decode_metadata, logits.shape[0], logits.device)
+            logits = suppression.mask(logits, first)  # a new tensor: the rules below may write into it
             rows, contexts = timestamp_contexts(requests, tokenizer.asks_for_timestamps, spec_decode_metadata)
             if rows:
                 index = torch.tensor(rows, device=logits.device)
-                logits = logits.index_copy(0, index, timestamps.mask(logits[index], contexts))
+                logits.index_copy_(0, index, timestamps.mask(logits[index], contexts))
         return sample(self, logits, spec_decode_metadata)
 
     return _sample
@@ -249,16 +249,15 @@ def rows_per_request(requests: list[Any], spec: Any) -> list[int]:
     return [1] * len(requests) if spec is None else [n + 1 for n in spec.num_draft_tokens]
 
 
-def first_positions(requests: list[Any], spec: Any, rows: int) -> torch.Tensor:
+def first_positions(requests: list[Any], spec: Any, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Which logits rows are a request's first generated token (where ``begin_suppress_tokens`` apply): the
     first row of each request that has generated nothing yet (it has no drafts then; vLLM does not chunk an
     encoder-decoder model's prefill, so that row is sampled)."""
-    first = torch.zeros(rows, dtype=torch.bool)
-    start = 0
+    first, start = [False] * rows, 0
     for state, count in zip(requests, rows_per_request(requests, spec)):
         first[start] = not state.output_token_ids
         start += count
-    return first
+    return torch.tensor(first, device=device)
 
 
 # ---- scheduling ----------------------------------------------------------------------------------------
