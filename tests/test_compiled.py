@@ -141,10 +141,10 @@ def test_compiled_ar_and_specasr_emit_eager_ar_tokens_on_dev_files(base, tiny_en
 
 
 def test_the_draft_step_graph_chooses_like_the_eager_draft(tiny_en):
-    """The draft's one-row, one-token step as a frozen graph (DraftModel.choices with compile) picks the same
-    two best ids, with the same probabilities, as the eager int8 draft: rows of audio of different lengths
-    (the graph was traced on the first), a row rolled back, the cache's frames grown later; several rows
-    at once run eager."""
+    """The draft's one-row step as a frozen graph (DraftModel.choices with compile) picks the same two best ids,
+    with the same probabilities, as the eager int8 draft at greedy one-token steps: rows of audio of different
+    lengths (the graph was traced on the first), a row rolled back, the cache's frames grown later; several
+    rows at once run eager."""
     from specasr_vllm.config import SpecConfig
     from specasr_vllm.speculation.draft_model import DraftModel
 
@@ -181,3 +181,41 @@ def test_the_draft_step_graph_chooses_like_the_eager_draft(tiny_en):
         eager.decode(prefix[:, :2], cache, [2])
     step([0, 1, 2], 7)
     assert graph.graph_calls == 5 and eager.graph_calls == 0
+
+
+def test_the_draft_graph_serves_trees_of_any_width_like_the_eager_draft(tiny_en):
+    """One traced graph serves every one-row call (catch-up passes: pending tokens and recycled candidates under
+    a tree mask; greedy steps): widths of 1 to 13, random trees, Whisper's begin rule at a position, contexts
+    crossing the graph's 64-slot granule, rows holding different audio lengths. In float32 it computes what the
+    eager draft computes (the trace took no sizes as constants); the int8 draft's choices can differ where its
+    dynamic activation scales round differently, which only changes what is proposed, never the output."""
+    from specasr_vllm.config import SpecConfig
+    from specasr_vllm.speculation.draft_model import DraftModel
+
+    config = SpecConfig(draft_int8=False)
+    graph, eager = DraftModel(tiny_en, config, compile=True), DraftModel(tiny_en, config)
+    torch.manual_seed(0)
+    features = [eager.model.encode(torch.randn(1, tiny_en.n_mels, frames)) for frames in (600, 1400, 300)]
+    caches = [graph.empty_cache(1), eager.empty_cache(1)]
+    prefix = torch.randint(0, 16000, (1, 40))
+    for cache in caches:
+        for f in features:
+            eager.decode(prefix, cache, cache.claim(*eager.cross_kv(f)))
+    for trial in range(36):
+        row, n = trial % 3, (1, 2, 5, 13, 1, 3)[trial % 6]
+        parents = [-1] + [int(torch.randint(-1, i, ())) if trial % 2 else i - 1 for i in range(1, n)]
+        mask, depths = torch.zeros(1, n, n, dtype=torch.bool), torch.zeros(1, n, dtype=torch.long)
+        for i, p in enumerate(parents):
+            mask[0, i, i] = True
+            if p >= 0:
+                mask[0, i] |= mask[0, p]
+                depths[0, i] = depths[0, p] + 1
+        tokens, begin = torch.randint(0, 16000, (1, n)), ({0: n - 1} if trial % 5 == 0 else {})
+        a = graph.choices(tokens, caches[0], [row], mask, depths, begin)
+        b = eager.choices(tokens, caches[1], [row], mask, depths, begin)
+        assert torch.equal(a[0], b[0]) and (a[1] - b[1]).abs().max() < 1e-5
+        kept = caches[0].length(row) - n + (int(torch.randint(1, n + 1, ())) if trial % 2 else n)  # as in drafting
+        for cache in caches:
+            cache.set_length(row, kept)
+    assert caches[0].lengths([0, 1, 2]) == caches[1].lengths([0, 1, 2]) and max(caches[0].lengths([0, 1, 2])) > 64
+    assert graph.graph_calls == 36 and eager.graph_calls == 0

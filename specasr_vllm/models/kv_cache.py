@@ -235,3 +235,13 @@ class FixedView:
 
     def cross_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cross_k[layer], self.cross_v[layer]
+
+
+class OneRowView(FixedView):
+    """``FixedView`` of one row (batch of one) whose writes a tracer records for any number of new tokens: an
+    advanced-index write (``FixedView.write``) records the shape of the values it stores, ``index_copy_`` does
+    not."""
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        self.self_k[layer].index_copy_(2, slots[0], k)
+        self.self_v[layer].index_copy_(2, slots[0], v)

@@ -156,6 +156,26 @@ def block_step(tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_
     return (tokens.to(device, non_blocking=True), step.positions, step.slots, step.mask, step.audio_mask), state
 
 
+def row_step(tokens: torch.Tensor, cache: DecoderCache, row: int, tree_mask: torch.Tensor | None,
+             depths: torch.Tensor | None, device: torch.device, granule: int = 64
+             ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+    """A step over one row that reads only what the row holds (what a traced, shape-generic step runs, through a
+    ``FixedView``): its inputs (tokens, positions, slots, mask) on ``device``, and the row's K/V: self K and V
+    up to the next multiple of ``granule`` slots past its new tokens, cross K and V over its own audio frames
+    (so no audio mask). A small decoder's step streams its cache: reading 64 slots instead of 448 and a
+    short recording's frames instead of the longest one seen is most of what it can save."""
+    start, n = cache.length(row), tokens.shape[1]
+    if start + n > cache.capacity:
+        raise ValueError(f"decoder positions exceed {cache.capacity}")
+    span = min(cache.capacity, -(-(start + n) // granule) * granule)
+    step = step_inputs([start], n, tree_mask, depths, span, None, 0, device)
+    frames = cache.frames([row])[0]
+    own = slice(row, row + 1)
+    state = ([t[own, :, :span] for tensors in (cache.self_k, cache.self_v) for t in tensors]
+             + [t[own, :, :frames] for tensors in (cache.cross_k, cache.cross_v) for t in tensors])
+    return (tokens.to(device, non_blocking=True), step.positions, step.slots, step.mask), state
+
+
 class Encoder(nn.Module):
     def __init__(self, dims: WhisperDims):
         super().__init__()

@@ -6,10 +6,12 @@ faster keeps the output exact and only changes how often drafts are accepted:
   of the 51k-way projection that dominates a small decoder's step;
 - dynamic int8 quantisation of the decoder's linear layers (and that output layer) on CPU;
 - the encoder may run on the unpadded audio (see ``encode``), and compiled;
-- with ``compile``, the one-token step (what every greedy draft step is) runs as one frozen TorchScript
-  graph on a CPU: inductor does not compile int8 dynamic-quantised linears into a graph, and in eager
-  mode the step pays more for Python dispatch than for arithmetic (alone, 2 threads: ~0.85 ms against
-  ~1.45 ms). On a GPU, where an eager step is launch-bound, every call over a block of rows (greedy
+- with ``compile``, every one-row call (greedy steps and the catch-up pass that opens each round) runs as
+  one frozen TorchScript graph on a CPU, over only the cache slots and audio frames the row holds:
+  inductor does not compile int8 dynamic-quantised linears into a graph, and in eager mode the step
+  pays more for Python dispatch than for arithmetic. In the loop (8 dev files, 2 threads) a draft
+  forward cost 1.76 ms with a one-token graph over every slot and frame and eager catch-up passes,
+  1.35 ms so (``benchmarks.components``). On a GPU, where an eager step is launch-bound, every call over a block of rows (greedy
   steps, catch-up passes, branches) is replayed as a captured CUDA graph (``StepGraphs``).
 """
 
@@ -23,17 +25,17 @@ from torch import nn
 
 from specasr_vllm.config import SpecConfig
 from specasr_vllm.models.compiled import CompiledWhisper
-from specasr_vllm.models.kv_cache import DecoderCache, FixedView
+from specasr_vllm.models.kv_cache import DecoderCache, FixedView, OneRowView
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import Suppression
 from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, padded_step
-from specasr_vllm.models.whisper import StepInputs, Whisper, block_step
+from specasr_vllm.models.whisper import StepInputs, Whisper, row_step
 
 
 class DraftModel:
     def __init__(self, asr: ASRModel, config: SpecConfig, compile: bool = False, graphs: bool | None = None):
         """``compile``: on a CPU the encoder runs as a compiled graph for any audio length (``CompiledWhisper``)
-        and one row's one-token decoder step as a frozen TorchScript graph; on a GPU every call over a block of
+        and one row's decoder calls as a frozen TorchScript graph; on a GPU every call over a block of
         rows runs as a CUDA graph (``choices``) and the encoder eager. ``graphs`` overrides the device's choice
         of CUDA graphs (on a CPU: the same steps uncaptured, how tests check them; False: eager on a GPU)."""
         self.asr = asr
@@ -60,8 +62,8 @@ class DraftModel:
         rules = Suppression(vocab, asr.suppress_tokens, asr.begin_suppress_tokens, device)  # Whisper's, in one place
         self.suppress, self.begin_suppress = rules.suppress[self.ids], rules.begin_suppress[self.ids]
         self._graph_step = compile and on_cpu and not graphs
-        self._step: torch.jit.ScriptModule | None = None  # traced at the first one-row, one-token step
-        self.graph_calls = 0  # one-token steps served by the TorchScript graph
+        self._step: torch.jit.ScriptModule | None = None  # traced at the first one-row call
+        self.graph_calls = 0  # one-row calls served by the TorchScript graph
         self.graphs = StepGraphs(_DraftStep(self.model, self.head, self.suppress, self.begin_suppress, self.ids),
                                  device) if graphs else None
 
@@ -88,14 +90,14 @@ class DraftModel:
         """The two best token ids and their probabilities at every new token, on the host: (2, batch, n, 2),
         ids (as floats) then probabilities, read from the device in one transfer. ``begin[b] = i``: Whisper's
         begin rules apply at row ``b``'s new token ``i``. Each row's cache grows by ``n`` (as ``decode``)."""
-        if self._graph_step and tokens.shape == (1, 1) and not begin:
-            return self._one_token(tokens, cache, rows[0])
         batch, n = tokens.shape
         at_begin = torch.zeros(batch, n, dtype=torch.bool, device="cpu" if begin else self.device)
         if begin:
             for b, i in begin.items():
                 at_begin[b, i] = True
             at_begin = at_begin.to(self.device, non_blocking=True)
+        if self._graph_step and batch == 1:
+            return self._row_graph(tokens, cache, rows[0], tree_mask, depths, at_begin)
         if self.graphs is not None and rows == list(range(rows[0], rows[0] + batch)):
             return self._replay(tokens, cache, rows, tree_mask, depths, at_begin)
         logits = self.model.decode(tokens, cache, rows, tree_mask, depths, head=self.head)
@@ -133,20 +135,22 @@ class DraftModel:
                 cache.release(claimed)
 
     @torch.no_grad()
-    def _one_token(self, tokens: torch.Tensor, cache: DecoderCache, row: int) -> torch.Tensor:
-        """``choices`` for one new token of one row, through the frozen graph. It attends over every cache slot
-        and frame under masks (``FixedView``), so it serves any context and audio length. One row only: the
-        tracer records the number of rows as a constant, and with several rows drafting does not pay here
-        (SpecConfig.max_batch)."""
-        step, kv = block_step(tokens, cache, [row], None, None, self.device)
-        inputs = (*step, torch.zeros(1, 1, dtype=torch.bool, device=self.device), *kv)
+    def _row_graph(self, tokens: torch.Tensor, cache: DecoderCache, row: int, tree_mask: torch.Tensor | None,
+                   depths: torch.Tensor | None, at_begin: torch.Tensor) -> torch.Tensor:
+        """``choices`` for one row, through the frozen graph: greedy steps and catch-up passes (pending tokens
+        and recycled candidates under a tree mask) alike. The row's own K/V go in (``whisper.row_step``: the
+        slots it holds, its own audio frames), and the traced operations take their sizes from their inputs,
+        so one graph serves every width, context and audio length. One row only: the tracer records the
+        number of rows as a constant, and with several rows drafting does not pay here (SpecConfig.max_batch)."""
+        step, kv = row_step(tokens, cache, row, tree_mask, depths, self.device)
+        inputs = (*step, at_begin, *kv)
         if self._step is None:
-            module = _DraftStep(self.model, self.head, self.suppress, self.begin_suppress, self.ids).eval()
+            module = _RowStep(self.model, self.head, self.suppress, self.begin_suppress, self.ids).eval()
             with warnings.catch_warnings():  # the tracer warns about Python values it records as constants
                 warnings.simplefilter("ignore")
                 self._step = torch.jit.freeze(torch.jit.trace(module, inputs, check_trace=False))
         out = self._step(*inputs)  # the trace wrote this step's K/V already: writing them again is a no-op
-        cache.advance([row], 1)
+        cache.advance([row], tokens.shape[1])
         self.graph_calls += 1
         return out.cpu()
 
@@ -179,8 +183,19 @@ class _DraftStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                 audio_mask: torch.Tensor, at_begin: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        return self.run(StepInputs(positions, slots, mask, audio_mask, kv[0].shape[2]), tokens, at_begin, kv)
+
+    def run(self, step: StepInputs, tokens: torch.Tensor, at_begin: torch.Tensor, kv: tuple[torch.Tensor, ...],
+            view_type: type[FixedView] = FixedView) -> torch.Tensor:
         n = self.model.dims.decoder_layers
-        view = FixedView(list(kv[:n]), list(kv[n : 2 * n]), list(kv[2 * n : 3 * n]), list(kv[3 * n :]))
-        logits = self.model.run_decoder(tokens, StepInputs(positions, slots, mask, audio_mask, kv[0].shape[2]), view,
-                                        self.head)
+        view = view_type(list(kv[:n]), list(kv[n : 2 * n]), list(kv[2 * n : 3 * n]), list(kv[3 * n :]))
+        logits = self.model.run_decoder(tokens, step, view, self.head)
         return _choose(logits, self.suppress, self.begin_suppress, at_begin, self.ids)
+
+
+class _RowStep(_DraftStep):
+    """One row's step over the K/V it holds (``whisper.row_step``): no audio mask."""
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                at_begin: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        return self.run(StepInputs(positions, slots, mask, None, kv[0].shape[2]), tokens, at_begin, kv, OneRowView)
