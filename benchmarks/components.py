@@ -6,7 +6,8 @@
 Alone (medians of ``--reps`` calls, context of 30 tokens, one 30 s window): the encoder, the target's
 one-token step, its verification of 8 and 16 tokens (and those as multiples of a step), the draft's
 one-token step. In the loop (the engine transcribing dev files at batch 1): the target's passes and
-the draft's forwards timed where they run, the once-per-window setup (the target's cross-attention
+the draft's forwards timed where they run (all, and split into greedy one-token steps and the catch-up
+pass that opens each round), the once-per-window setup (the target's cross-attention
 K/V), and what is left per pass (rules, acceptance, the draft's sync and
 bridge, top-k, host transfers): the loop overhead. A step can cost more in the loop than alone
 (caches evicted by the other model, allocations), which is why both are reported.
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,10 +40,13 @@ from specasr_vllm.models.registry import load_model
 
 
 class _Timer:
-    """Within ``with``, sums the calls of and seconds in one method of one object (then removes itself)."""
+    """Within ``with``, sums the calls of and seconds in one method of one object (then removes itself);
+    with ``kind`` (a function of the call's arguments), also per kind of call in ``by_kind``."""
 
-    def __init__(self, owner, name: str):
+    def __init__(self, owner, name: str, kind: Callable[..., str] | None = None):
         self.owner, self.name, self.calls, self.seconds = owner, name, 0, 0.0
+        self.kind = kind
+        self.by_kind: dict[str, list[float]] = {}  # kind -> [calls, seconds]
 
     def __enter__(self) -> Self:
         inner = getattr(self.owner, self.name)
@@ -51,14 +56,24 @@ class _Timer:
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                self.seconds += seconds
                 self.calls += 1
+                if self.kind is not None:
+                    tally = self.by_kind.setdefault(self.kind(*args, **kwargs), [0, 0.0])
+                    tally[0] += 1
+                    tally[1] += seconds
 
         setattr(self.owner, self.name, timed)  # an instance attribute shadowing the method
         return self
 
     def __exit__(self, *exc) -> None:
         delattr(self.owner, self.name)
+
+
+def _draft_call(tokens, *args, **kwargs) -> str:
+    """A greedy draft step (one row, one token) or a catch-up pass (pending tokens, recycled candidates)."""
+    return "greedy" if tuple(tokens.shape) == (1, 1) else "catch_up"
 
 
 def in_loop(engine: Transcriber, audios: list, language: str) -> dict[str, float]:
@@ -69,7 +84,7 @@ def in_loop(engine: Transcriber, audios: list, language: str) -> dict[str, float
         # once per window, not per pass: the target's cross-attention K/V (the draft's encoder and K/V are
         # timed as the transcript's draft_encode, outside its decode time)
         setup = [timers.enter_context(_Timer(engine.target.model, "cross_kv"))]
-        draft = timers.enter_context(_Timer(engine.drafter.draft, "choices")) if engine.drafter else None
+        draft = timers.enter_context(_Timer(engine.drafter.draft, "choices", _draft_call)) if engine.drafter else None
         for audio in audios:
             out = engine.transcribe([audio], language=language)[0]
             decode_s += out.timings["decode"]
@@ -82,6 +97,7 @@ def in_loop(engine: Transcriber, audios: list, language: str) -> dict[str, float
            "loop_overhead_ms_per_pass": 1e3 * (decode_s - setup_s - target.seconds - draft_s) / passes}
     if draft:
         row.update(draft_forward_ms=1e3 * draft.seconds / draft.calls, draft_forwards_per_pass=draft.calls / passes)
+        row.update({f"draft_{kind}_ms": 1e3 * seconds / calls for kind, (calls, seconds) in draft.by_kind.items()})
     return row
 
 
@@ -98,11 +114,13 @@ def markdown(info: dict, alone_rows: dict, loop_rows: dict) -> str:
                      f"{r['verify_16'] / r['target_step']:.2f} | {r.get('draft_step', float('nan')):.2f} |")
     lines += ["", f"In the loop ({info['files']} dev files, batch 1; ms):", "",
               ("| method | tokens | target passes | decode / token | setup / window | target pass | draft forward "
-               "| draft forwards / pass | loop overhead / pass |"), "|---|---|---|---|---|---|---|---|---|"]
+               "| greedy draft step | catch-up pass | draft forwards / pass | loop overhead / pass |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in loop_rows.items():
         lines.append(f"| {name} | {r['tokens']} | {r['target_passes']} | {r['decode_ms_per_token']:.2f} | "
                      f"{r['window_setup_ms']:.1f} | "
                      f"{r['target_pass_ms']:.2f} | {r.get('draft_forward_ms', float('nan')):.2f} | "
+                     f"{r.get('draft_greedy_ms', float('nan')):.2f} | {r.get('draft_catch_up_ms', float('nan')):.2f} | "
                      f"{r.get('draft_forwards_per_pass', 0):.2f} | {r['loop_overhead_ms_per_pass']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -170,3 +170,17 @@ def test_decode_past_capacity_is_refused(lean):
     cache.set_length(0, 447)
     with pytest.raises(ValueError, match="exceed"):
         lean.decode(torch.tensor([[1, 2]]), cache)
+
+
+@pytest.mark.parametrize("starts,n,span", [([5], 1, 64), ([40, 3], 4, 64), ([0], 7, 8), ([10, 20, 0], 3, 448)])
+def test_chain_step_inputs_equal_an_explicit_causal_tree(starts, n, span):
+    """``step_inputs`` builds a chain's (no tree mask, no depths) masks by a shortcut; they are the general
+    rule's with the causal tree spelled out."""
+    from specasr_vllm.models.whisper import step_inputs
+
+    cpu = torch.device("cpu")
+    chain = step_inputs(starts, n, None, None, span, [30] * len(starts), 40, cpu)
+    causal = torch.ones(n, n, dtype=torch.bool).tril().expand(len(starts), n, n)
+    tree = step_inputs(starts, n, causal, torch.arange(n).expand(len(starts), n), span, [30] * len(starts), 40, cpu)
+    for name in ("positions", "slots", "mask", "audio_mask"):
+        assert torch.equal(getattr(chain, name), getattr(tree, name)), name

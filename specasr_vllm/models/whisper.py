@@ -123,21 +123,25 @@ def step_inputs(starts: list[int], n: int, tree_mask: torch.Tensor | None, depth
     batch = len(starts)
     start = torch.tensor(starts, device=device)
     new = torch.arange(n, device=device)
+    slot = torch.arange(span, device=device)
+    audio_mask = None
+    if audio is not None:
+        held = torch.tensor(audio, device=device)
+        audio_mask = (torch.arange(frames, device=device)[None, :] < held[:, None])[:, None, None, :]
+    if tree_mask is None and depths is None:  # a chain (every greedy step): token i sees the slots up to its own
+        positions = start[:, None] + new  # also the slots, as a tensor of their own (compiled graphs guard aliasing)
+        return StepInputs(positions, start[:, None] + new, (slot[None, None, :] <= positions[:, :, None])[:, None],
+                          audio_mask, span)
     depths = new.expand(batch, n) if depths is None else depths.to(device, non_blocking=True)
     if tree_mask is None:
         tree_mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, n, n)
     else:
         tree_mask = tree_mask.to(device, non_blocking=True)
     # key slot s is visible to new token i of row b if it is cached (s < start) or a visible new token
-    slot = torch.arange(span, device=device)
     cached = slot[None, None, :] < start[:, None, None]
     rel = (slot[None, :] - start[:, None]).clamp(0, n - 1)  # (batch, span)
     in_new = (slot[None, :] >= start[:, None]) & (slot[None, :] < start[:, None] + n)
     new_visible = torch.gather(tree_mask, 2, rel[:, None, :].expand(batch, n, span)) & in_new[:, None, :]
-    audio_mask = None
-    if audio is not None:
-        held = torch.tensor(audio, device=device)
-        audio_mask = (torch.arange(frames, device=device)[None, :] < held[:, None])[:, None, None, :]
     return StepInputs(start[:, None] + depths, start[:, None] + new, (cached | new_visible)[:, None], audio_mask, span)
 
 
