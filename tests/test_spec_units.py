@@ -213,20 +213,3 @@ def test_one_slow_call_moves_the_measured_costs_only_so_far():
         costs.observe(draft_step=0.0014)
     assert abs(costs.draft_step - 0.0014) < 0.0002
     assert costs.verify == pytest.approx(0.013)
-
-
-def test_verification_cost_is_fitted_against_its_inputs():
-    """``Costs.verify_at``: the average pass until passes of different widths were seen, then the line through
-    them, so an AR step (one input) is priced below the average verification (what the fallback rule
-    compares a request's passes with); a slow outlier moves the line only so far."""
-    from specasr_vllm.speculation.adaptive import Costs
-
-    costs = Costs(verify=0.012)
-    assert costs.verify_at(1) == costs.verify_at(20) == 0.012
-    for _ in range(10):
-        for inputs in (4, 8, 16):
-            costs.observe(verify=0.006 + 0.0005 * inputs, inputs=inputs)
-    assert costs.verify_at(1) == pytest.approx(0.0065, rel=1e-3)
-    assert costs.verify_at(16) == pytest.approx(0.014, rel=1e-3)
-    costs.observe(verify=5.0, inputs=8)  # a pause of the machine
-    assert costs.verify_at(8) < 0.03

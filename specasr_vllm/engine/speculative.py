@@ -97,7 +97,7 @@ def decode_speculative(
                 outputs[i].extend(new, [next(logprobs) for _ in row_inputs], rules.eot)
                 outputs[i].passes += 1
                 last[i] = new[-1]
-            drafter.feedback(emitted, seconds, inputs=len(active) * n)  # every row padded to the widest
+            drafter.feedback(emitted, seconds)
             _keep_unfinished(batch, drafter, keys, outputs, last, limit, rules.eot)
     return outputs
 

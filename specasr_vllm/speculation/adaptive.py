@@ -18,10 +18,7 @@ BUCKETS = 10
 
 @dataclass
 class Costs:
-    """Measured seconds of a draft step and of a target verification pass (moving averages), and a pass's
-    cost as a function of how many inputs it verifies (``verify_at``: fitted online, the line through the
-    recent passes' costs against their inputs). A pass of one input per row is an AR step: what a request's
-    speculation must beat (``Drafter.feedback``).
+    """Measured seconds of a draft step and of a target verification pass (moving averages).
 
     One slow call (a first call that traces or compiles a graph, a pause of the machine) counts as at most
     ``OUTLIER`` times the current estimate: unclamped, a 0.5 s trace once moved the draft step's estimate
@@ -31,28 +28,12 @@ class Costs:
     draft_step: float = 0.01
     verify: float = 0.05
     OUTLIER = 4.0
-    DECAY = 0.95  # weight of the past in the line through (inputs, seconds)
-    _fit: np.ndarray = field(default_factory=lambda: np.zeros(5))  # decayed sums of 1, x, y, x*x, x*y
 
-    def observe(self, draft_step: float | None = None, verify: float | None = None, inputs: int | None = None) -> None:
-        """A draft step's seconds, or a verification pass's (over ``inputs`` inputs, when the host says)."""
+    def observe(self, draft_step: float | None = None, verify: float | None = None) -> None:
         if draft_step is not None:
             self.draft_step = 0.9 * self.draft_step + 0.1 * min(draft_step, self.OUTLIER * self.draft_step)
         if verify is not None:
-            if inputs is not None:
-                y = min(verify, self.OUTLIER * self.verify_at(inputs))
-                self._fit = self.DECAY * self._fit + np.array([1.0, inputs, y, inputs * inputs, inputs * y])
             self.verify = 0.9 * self.verify + 0.1 * min(verify, self.OUTLIER * self.verify)
-
-    def verify_at(self, inputs: int) -> float:
-        """Expected seconds of a pass over ``inputs`` inputs (the average pass until passes of different
-        widths were seen; never below a tenth of the average: an extrapolation is only a line)."""
-        n, x, y, xx, xy = self._fit
-        var = n * xx - x * x
-        if n < 3 or var <= 1e-9 * n * xx:
-            return self.verify
-        slope = max(0.0, (n * xy - x * y) / var)
-        return max(0.1 * self.verify, y / n + slope * (inputs - x / n))
 
 
 class FixedLength:

@@ -59,8 +59,7 @@ class _Request:
     echo_node: int | None = None  # the last tree's repeated timestamp, if it has one
     last_tree: DraftTree | None = None  # what the last ``propose`` sent, awaiting ``feedback``
     passes: int = 0
-    timed_seconds: float = 0.0  # whole passes (draft, verification, the host's work) since its first proposal
-    timed_tokens: int = 0  # what those passes emitted
+    accepted: int = 0
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -104,7 +103,6 @@ class Drafter:
         self.requests: dict[Hashable, _Request] = {}
         self.cache = draft.empty_cache(1)
         self._rounds: list[_Round] = []  # the last proposal, which ``run_ahead`` extends
-        self._last_feedback: float | None = None  # when the last pass ended (a pass runs from one feedback to the next)
 
     @classmethod
     def build(cls, draft: ASRModel, target_tokenizer: WhisperTokenizer, config: SpecConfig,
@@ -472,27 +470,15 @@ class Drafter:
         return tree
 
     # ---- feedback ----------------------------------------------------------------------------------
-    def feedback(self, emitted: dict[Hashable, list[int]], seconds: float | None = None,
-                 inputs: int | None = None) -> None:
-        """What one target pass emitted for each request (accepted draft tokens, then the target's own), what
-        the pass cost (``None``: unknown, e.g. a pass that verified no draft) and how many inputs it verified
-        (default: each request's tree and its root, as a host that pads nothing verifies).
+    def feedback(self, emitted: dict[Hashable, list[int]], seconds: float | None = None) -> None:
+        """What one target pass emitted for each request (accepted draft tokens, then the target's own),
+        and what the pass cost (``None``: unknown, e.g. a pass that verified no draft).
 
         Updates statistics, calibrates the stopping rule, prices verification for it, and decides
-        whether drafting still pays for each request (else the request continues as AR): after
-        ``fallback_after`` passes, a request's whole passes (from one feedback to the next: drafting,
-        verification and the host's own work) must cost less per emitted token than an AR step, a
-        verification of one input per row (``Costs.verify_at``).
+        whether drafting still pays for each request (else the request continues as AR).
         """
-        now = time.perf_counter()
-        whole = None if self._last_feedback is None or seconds is None else now - self._last_feedback
-        self._last_feedback = now
         if seconds is not None:
-            if inputs is None:
-                trees = [self.requests[key].last_tree for key in emitted]
-                inputs = sum(1 + (len(tree) if tree is not None else 0) for tree in trees)
-            self.costs.observe(verify=seconds, inputs=inputs)
-        ar_step = self.costs.verify_at(len(emitted))
+            self.costs.observe(verify=seconds)
         stop = []
         for key, tokens in emitted.items():
             req = self.requests[key]
@@ -519,14 +505,11 @@ class Drafter:
             if not req.enabled:
                 continue
             req.passes += 1
-            if whole is not None and req.passes > 1:  # the first includes the draft encoder, run when it first drafts
-                req.timed_seconds += whole
-                req.timed_tokens += len(tokens)
-            # drafting pays while a pass costs less per token than AR's step (one input per row)
-            if req.passes >= self.config.fallback_after and req.timed_tokens * ar_step < req.timed_seconds:
+            req.accepted += len(acceptance.nodes)
+            # drafting pays while accepted tokens save more target passes than the draft steps cost
+            paid = st.draft_steps * self.costs.draft_step / self.costs.verify + self.config.min_accept * req.passes
+            if req.passes >= self.config.fallback_after and req.accepted < paid:
                 req.enabled = False
-                st.fallback = (f"low acceptance ({req.timed_tokens / (req.passes - 1):.2f} tokens per pass, "
-                               f"{1e3 * req.timed_seconds / req.timed_tokens:.1f} ms per token against "
-                               f"{1e3 * ar_step:.1f} ms for an AR step)")
+                st.fallback = f"low acceptance ({req.accepted / req.passes:.2f} tokens per pass)"
                 stop.append(key)
         self._stop_drafting(stop)
