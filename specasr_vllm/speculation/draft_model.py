@@ -11,8 +11,9 @@ faster keeps the output exact and only changes how often drafts are accepted:
   inductor does not compile int8 dynamic-quantised linears into a graph, and in eager mode the step
   pays more for Python dispatch than for arithmetic. In the loop (8 dev files, 2 threads) a draft
   forward cost 1.76 ms with a one-token graph over every slot and frame and eager catch-up passes,
-  1.35 ms so (``benchmarks.components``). On a GPU, where an eager step is launch-bound, every call over a block of rows (greedy
-  steps, catch-up passes, branches) is replayed as a captured CUDA graph (``StepGraphs``).
+  and 1.29-1.35 ms this way (``benchmarks.components``). On a GPU, where an eager step is
+  launch-bound, every call over a block of rows (greedy steps, catch-up passes, branches) is replayed
+  as a captured CUDA graph (``StepGraphs``).
 """
 
 from __future__ import annotations
