@@ -89,28 +89,6 @@ def test_a_tree_in_a_block_of_rows_behind_a_live_row(pair):
     _close(eager.decode(torch.tensor([[55], [66]]), cache), eager.decode(torch.tensor([[55], [66]]), ref))
 
 
-def test_the_pick_ends_the_step_like_the_rules_on_eager_logits(pair):
-    """``pick`` (the greedy pick inside the compiled graph) at one token, a verification width and a batch: the
-    eager logits' argmax under the suppression, log-probabilities to the tolerance, cache as ``decode`` leaves it."""
-    eager, compiled, features = pair
-    ref, cache = _caches(eager, features, rows=2, claimed=2)
-    suppress = torch.zeros(eager.dims.vocab_size, dtype=torch.bool)
-    before = compiled.eager_calls
-    for rows, n in ((1, 5), (1, 1), (1, 8), (2, 1), (2, 3)):
-        tokens = torch.randint(0, 50000, (rows, n))
-        logits = eager.decode(tokens, ref, list(range(rows)))
-        suppress[:] = False
-        suppress[logits.argmax(-1).flatten()] = True  # forbid each position's favourite: the pick must skip it
-        best, logprobs = compiled.pick(tokens, cache, list(range(rows)), suppress=suppress)
-        masked = logits.masked_fill(suppress, float("-inf"))
-        assert torch.equal(best, masked.argmax(-1))
-        expected = masked.log_softmax(-1).gather(-1, best[..., None])[..., 0]
-        assert (logprobs - expected).abs().max() < TOL
-        assert cache.lengths(list(range(rows))) == ref.lengths(list(range(rows)))
-    assert compiled.eager_calls == before
-    assert {key[1:3] for key in compiled.compiled if key[0] == "pick"} == {(1, 1), (1, 2), (2, 1), (2, 2)}
-
-
 def test_scattered_rows_and_custom_heads_run_eager(pair):
     eager, compiled, features = pair
     ref, cache = _caches(eager, features, rows=3, claimed=3)

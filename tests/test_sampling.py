@@ -22,7 +22,7 @@ from specasr_vllm.config import SpecConfig
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.models.registry import ASRModel, load_model
-from specasr_vllm.models.rules import WhisperRules, greedy
+from specasr_vllm.models.rules import WhisperRules
 from specasr_vllm.models.sampling import Sampling
 from specasr_vllm.speculation import Drafter
 
@@ -142,18 +142,6 @@ def test_pick_samples_after_the_rules_and_reports_the_unscaled_logprob(random_pa
     assert tokens != greedy[0]  # really sampled
     expected = masked.log_softmax(-1)[torch.arange(6), torch.tensor(tokens)]
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-5)
-
-
-def test_greedy_pick_on_hand_made_logits():
-    """``greedy``: the best allowed token (ties to the lowest id, suppressed ones skipped, even when best) and its
-    log-probability under the allowed tokens only."""
-    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 2.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
-    suppress = torch.tensor([True, False, False, False])
-    best, logprob = greedy(logits, suppress)
-    assert best.tolist() == [1, 1, 1]
-    allowed = logits[:, 1:].log_softmax(-1)
-    assert logprob.tolist() == pytest.approx(allowed[:, 0].tolist(), abs=1e-6)
-    assert logprob[1].item() == pytest.approx(2.0 - float(torch.tensor([2.0, 2.0, 1.0]).logsumexp(0)), abs=1e-6)
 
 
 def test_suppression_by_columns_equals_the_boolean_rule(random_pair):

@@ -31,21 +31,16 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
     model = asr.model
     if sampling is not None and len(sampling.seeds) != len(prefixes):
         raise ValueError(f"{len(sampling.seeds)} sampling seeds for {len(prefixes)} rows")
-    # without timestamps or sampling no rule reads the tokens before a position: each step picks in its own graph
-    plain = sampling is None and not timestamps
     with BatchRows(model, audio_features, cache) as batch:
         prefill = model.decode(torch.tensor(prefixes, device=model.device), batch.cache, batch.rows)
         outputs = [Decoded(no_speech_prob=p) for p in rules.no_speech_prob(prefill, prefixes[0])]
-        logits, picked = prefill[:, -1], None
+        logits = prefill[:, -1]
         first = True
         while batch.active:
-            if picked is not None:
-                tokens, logprobs = picked
-            else:
-                contexts = [outputs[i].tokens for i in batch.active] if timestamps else None
-                noise = None if sampling is None else sampling.noise(
-                    batch.active, [len(outputs[i].tokens) for i in batch.active], logits.shape[-1], logits.device)
-                tokens, logprobs = rules.pick(logits, first, contexts, noise)
+            contexts = [outputs[i].tokens for i in batch.active] if timestamps else None
+            noise = None if sampling is None else sampling.noise(
+                batch.active, [len(outputs[i].tokens) for i in batch.active], logits.shape[-1], logits.device)
+            tokens, logprobs = rules.pick(logits, first, contexts, noise)
             first = False
             keep = []
             for pos, (i, tok, logprob) in enumerate(zip(batch.active, tokens, logprobs)):
@@ -57,9 +52,5 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
             if not batch.active:
                 break
             step = torch.tensor([[outputs[i].tokens[-1]] for i in batch.active], device=model.device)
-            if plain:
-                best, best_logprobs = model.pick(step, batch.cache, batch.rows, suppress=rules.suppression.suppress)
-                picked = best[:, -1].tolist(), best_logprobs[:, -1].tolist()
-            else:
-                logits = model.decode(step, batch.cache, batch.rows)[:, -1]
+            logits = model.decode(step, batch.cache, batch.rows)[:, -1]
     return outputs

@@ -45,7 +45,6 @@ def decode_speculative(
     if sampling is not None and len(sampling.seeds) != len(prefixes):
         raise ValueError(f"{len(sampling.seeds)} sampling seeds for {len(prefixes)} rows")
     limit = [max_positions - len(p) for p in prefixes]  # tokens each row may emit
-    plain = sampling is None and not timestamps  # no rule reads earlier tokens: as ``decode_ar``, passes pick
     with BatchRows(model, audio_features, cache) as batch:
         prefill = model.decode(torch.tensor(prefixes, device=model.device), batch.cache, batch.rows)
         outputs = [Decoded(no_speech_prob=p) for p in rules.no_speech_prob(prefill, prefixes[0])]
@@ -69,19 +68,14 @@ def decode_speculative(
             stop = threading.Event()
             ahead = pool.submit(drafter.run_ahead, stop) if pool is not None else None
             t0 = time.perf_counter()
-            if plain:  # the pass picks at every input in its own graph
-                best, best_logprobs = model.pick(packed.tokens, batch.cache, batch.rows, packed.mask, packed.depths,
-                                                 suppress=rules.suppression.suppress)
-                choices, input_logprobs = best.flatten().tolist(), best_logprobs.flatten().tolist()
-            else:
-                logits = model.decode(packed.tokens, batch.cache, batch.rows, packed.mask, packed.depths).flatten(0, 1)
-                contexts = [ctx for i in active for ctx in _node_contexts(outputs[i].tokens, trees[keys[i]], n)] \
-                    if timestamps else None
-                noise = None if sampling is None else sampling.noise(
-                    [i for i in active for _ in range(n)],  # padding inputs: depth 0, their choice is never read
-                    [len(outputs[i].tokens) + d for i, row in zip(active, tree_rows) for d in _padded(row.depths, n)],
-                    logits.shape[-1], logits.device)
-                masked, choices = rules.choose(logits, False, contexts, noise)
+            logits = model.decode(packed.tokens, batch.cache, batch.rows, packed.mask, packed.depths).flatten(0, 1)
+            contexts = [ctx for i in active for ctx in _node_contexts(outputs[i].tokens, trees[keys[i]], n)] \
+                if timestamps else None
+            noise = None if sampling is None else sampling.noise(
+                [i for i in active for _ in range(n)],  # padding inputs: depth 0, their choice is never read
+                [len(outputs[i].tokens) + d for i, row in zip(active, tree_rows) for d in _padded(row.depths, n)],
+                logits.shape[-1], logits.device)
+            masked, choices = rules.choose(logits, False, contexts, noise)
             seconds = time.perf_counter() - t0
             if ahead is not None:
                 stop.set()
@@ -97,8 +91,7 @@ def decode_speculative(
                 emitted[keys[i]] = new
             # log-probabilities of the emitted tokens only: each at the input that chose it
             inputs = [j for row_inputs in kept for j in row_inputs]
-            logprobs = iter([input_logprobs[j] for j in inputs] if plain
-                            else rules.logprobs(masked, inputs, [choices[j] for j in inputs]))
+            logprobs = iter(rules.logprobs(masked, inputs, [choices[j] for j in inputs]))
             for i, row_inputs in zip(active, kept):
                 new = emitted[keys[i]]
                 outputs[i].extend(new, [next(logprobs) for _ in row_inputs], rules.eot)

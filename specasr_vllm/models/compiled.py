@@ -14,9 +14,7 @@ views (``DecoderCache.compact`` keeps a batch's rows at the front). Two compiled
 call: one row and one token with static shapes (AR at batch 1, where inductor's GEMV template is
 fastest), and every other shape with dynamic rows and tokens (verification passes, batches,
 prefixes). Dynamo specialises sizes of 1, so the dynamic function ends up with three graphs (see
-``warm``); each costs 10-30 s to compile on this CPU. Greedy decoding without timestamps or sampling
-calls ``pick`` instead of ``decode``: the same two functions ending with the greedy pick
-(``rules.greedy``), compiled as graphs of their own. The C++ kernels and
+``warm``); each costs 10-30 s to compile on this CPU. The C++ kernels and
 autotuning results are kept on disk (``TORCHINDUCTOR_CACHE_DIR``, by default under the project's
 cache), so a second start skips the C++ build and the benchmarks, though inductor re-lowers each frozen
 graph (it does not cache graphs whose weights are packed oneDNN tensors). Calls with a custom head (the
@@ -39,18 +37,15 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 
 from specasr_vllm.config import cache_dir
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView
-from specasr_vllm.models.rules import greedy
 from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, padded_step
 from specasr_vllm.models.whisper import StepInputs, Whisper, WhisperDims, block_step
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 
 # Inductor's options: frozen, autotuned weights; autotuning reports stay in inductor's logs, not stderr
@@ -77,8 +72,6 @@ class CompiledWhisper:
         compiled = self.graphs is None
         self._one_token = torch.compile(self._run_one_token, dynamic=False) if compiled else None
         self._any_shape = torch.compile(self._run_any_shape, dynamic=True) if compiled else None
-        self._one_token_pick = torch.compile(self._run_one_token_pick, dynamic=False) if compiled else None
-        self._any_shape_pick = torch.compile(self._run_any_shape_pick, dynamic=True) if compiled else None
         # dynamic shapes: inductor then packs the linears for oneDNN, not MKL (with static shapes it takes
         # MKL for fp32), and oneDNN runs these 1500-row products 2.3x faster here (~500 against ~215 GFLOP/s)
         self._encoder = torch.compile(model.encoder, dynamic=True) if compiled else model.encoder
@@ -120,28 +113,21 @@ class CompiledWhisper:
     def warm(self, rows: int = 1, cache: DecoderCache | None = None) -> float:
         """Compile (or capture) the encoder and the decode graphs now (a server's start, a benchmark's warm-up)
         instead of at first use; returns the seconds it took. Compiled: dynamo specialises sizes of 1, so
-        calls of one row or several and of one token or several are four graphs, and four more ending with the
-        greedy pick (``pick``). Captured: every bucketed
+        calls of one row or several and of one token or several are four graphs. Captured: every bucketed
         width (``step_graphs.WIDTHS``), on ``cache`` (the engine's: a graph is bound to the cache it was captured on).
         ``rows`` > 1 does the batched ones too."""
         began = time.perf_counter()
         d = self.dims
         features = self.encode(torch.zeros(1, d.n_mels, 2 * d.max_source_positions, device=self.device))
         widths = WIDTHS if self.graphs is not None else (1, 8)
-        anything = torch.zeros(d.vocab_size, dtype=torch.bool, device=self.device)  # a suppression mask, for ``pick``
         for batch in sorted({1, rows}):
             target = cache if cache is not None else self.empty_cache(batch)
             claimed = target.claim(*self.cross_kv(features.repeat(batch, 1, 1)))
             try:
                 for width in widths:
-                    tokens = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-                    self.decode(tokens, target, claimed)
+                    self.decode(torch.zeros(batch, width, dtype=torch.long, device=self.device), target, claimed)
                     for row in claimed:
                         target.set_length(row, 0)
-                    if self.graphs is None:  # the pick's graphs (a captured step serves both)
-                        self.pick(tokens, target, claimed, suppress=anything)
-                        for row in claimed:
-                            target.set_length(row, 0)
             finally:
                 target.release(claimed)
         return time.perf_counter() - began
@@ -160,48 +146,23 @@ class CompiledWhisper:
                tree_mask: torch.Tensor | None = None, depths: torch.Tensor | None = None,
                head: Callable[[torch.Tensor], torch.Tensor] | None = None, fixed: bool = False) -> torch.Tensor:
         """``Whisper.decode``'s contract, through a compiled graph for a contiguous block of cache rows."""
-        rows = list(range(tokens.shape[0])) if rows is None else rows
-        if head is not None or not _contiguous(rows):
+        batch, n = tokens.shape
+        rows = list(range(batch)) if rows is None else rows
+        if head is not None or rows != list(range(rows[0], rows[0] + batch)):
             self.eager_calls += 1
             return self.eager.decode(tokens, cache, rows, tree_mask, depths, head, fixed)
-        return self._step(tokens, cache, rows, tree_mask, depths, None)
-
-    @torch.no_grad()
-    def pick(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int] | None = None,
-             tree_mask: torch.Tensor | None = None, depths: torch.Tensor | None = None, *,
-             suppress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Whisper.pick``'s contract. Compiled, the pick ends the step's graph: its two reductions read the logits
-        while the output projection's threads still hold them in cache, and nothing else does (a verification
-        pass of 8 tokens: 0.7 ms less than the same pick as separate operations afterwards, a one-token step
-        0.2 ms less; ``benchmarks.components``)."""
-        rows = list(range(tokens.shape[0])) if rows is None else rows
-        if not _contiguous(rows):
-            self.eager_calls += 1
-            return self.eager.pick(tokens, cache, rows, tree_mask, depths, suppress=suppress)
-        return self._step(tokens, cache, rows, tree_mask, depths, suppress)
-
-    def _step(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None,
-              depths: torch.Tensor | None, suppress: torch.Tensor | None):
-        """The logits (``suppress`` None) or the greedy pick under ``suppress``, for a contiguous block of rows."""
-        batch, n = tokens.shape
-        if self.graphs is not None:  # at a bucketed width (``step_graphs.bucket``); the pick follows the replay
+        if self.graphs is not None:  # at a bucketed width (``step_graphs.bucket``)
             logits = self.graphs(*padded_step(tokens, cache, rows, tree_mask, depths, self.device))[:, :n]
-            out = logits if suppress is None else greedy(logits, suppress)
         else:
             inputs, state = block_step(tokens, cache, rows, tree_mask, depths, self.device)
             layers = self.dims.decoder_layers
             view = [state[i * layers : (i + 1) * layers] for i in range(4)]  # self K, self V, cross K, cross V
-            one = (batch, n) == (1, 1)
-            if suppress is None:
-                graph, extra = (self._one_token if one else self._any_shape), ()
-            else:
-                graph, extra = (self._one_token_pick if one else self._any_shape_pick), (suppress,)
-            # sizes of 1 are specialised
-            key = ("decode" if suppress is None else "pick", min(batch, 2), min(n, 2), cache.cross_k[0].shape[2])
-            out = self._first_call(key, lambda: graph(*extra, *inputs, *view))
+            graph = self._one_token if (batch, n) == (1, 1) else self._any_shape
+            key = ("decode", min(batch, 2), min(n, 2), cache.cross_k[0].shape[2])  # sizes of 1 are specialised
+            logits = self._first_call(key, lambda: graph(*inputs, *view))
         cache.advance(rows, n)
         self.calls[(batch, n)] += 1
-        return out
+        return logits
 
     def _run_one_token(self, *inputs) -> torch.Tensor:
         """Compiled with static shapes: AR's step at batch 1, where inductor's GEMV kernels pay most."""
@@ -210,13 +171,6 @@ class CompiledWhisper:
     def _run_any_shape(self, *inputs) -> torch.Tensor:
         """Compiled with dynamic rows and tokens: verification passes, batches, prefixes."""
         return self._run_decoder(*inputs)
-
-    # the same two with the greedy pick at the end (two functions again: dynamo keeps one cache per function)
-    def _run_one_token_pick(self, suppress: torch.Tensor, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return greedy(self._run_decoder(*inputs), suppress)
-
-    def _run_any_shape_pick(self, suppress: torch.Tensor, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return greedy(self._run_decoder(*inputs), suppress)
 
     def _run_flat(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
                   audio_mask: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
@@ -232,7 +186,7 @@ class CompiledWhisper:
         step = StepInputs(positions, slots, mask, audio_mask, self_k[0].shape[2])
         return self.eager.run_decoder(tokens, step, FixedView(self_k, self_v, cross_k, cross_v))
 
-    def _first_call(self, key: tuple, call: Callable[[], _T]) -> _T:
+    def _first_call(self, key: tuple, call: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run ``call``; the first time for ``key`` (a compilation), log and keep how long it took."""
         if self.graphs is not None:  # nothing is compiled on a GPU
             return call()
@@ -248,7 +202,3 @@ class CompiledWhisper:
         self.compiled[key] = time.perf_counter() - began
         log.info("compiled %s in %.1f s", key, self.compiled[key])
         return out
-
-
-def _contiguous(rows: list[int]) -> bool:
-    return rows == list(range(rows[0], rows[0] + len(rows)))

@@ -15,28 +15,11 @@ temperature sampling (``models/sampling.py``): its noise depends on the position
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from specasr_vllm.config import MAX_INITIAL_TIMESTAMP
+from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.tokenizer import TIME_PRECISION, WhisperTokenizer
-
-if TYPE_CHECKING:  # the registry loads models, which end their compiled steps with ``greedy``
-    from specasr_vllm.models.registry import ASRModel
-
-
-def greedy(logits: torch.Tensor, suppress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The greedy pick at every position of (..., vocab) logits with the tokens ``suppress`` marks (a (vocab,)
-    bool mask) forbidden: each position's token and its log-probability.
-
-    The token's logit is the row's maximum, so its log-probability is the maximum less the log-sum-exp: two
-    reductions over the logits and nothing else, all tensors, so that a compiled decoder step can end with
-    them (``CompiledWhisper.pick``) while the logits it just wrote are still in the cache. Ties go to the
-    lowest id, as ``argmax`` breaks them everywhere.
-    """
-    masked = logits.float().masked_fill(suppress, float("-inf"))
-    return masked.argmax(-1), masked.amax(-1) - masked.logsumexp(-1)
 
 
 class Suppression:
@@ -131,12 +114,9 @@ class WhisperRules:
         added after every rule, so a sample never breaks one. The log-probability is always that of
         the unscaled distribution (as openai-whisper and transformers report ``avg_logprob``).
         """
-        if contexts is None and noise is None and isinstance(first, bool):  # suppression alone: one mask
-            best, logprobs = greedy(logits, self.suppression.begin_suppress if first else self.suppression.suppress)
-        else:
-            masked, best = self._choose(logits, first, contexts, noise)
-            masked = masked.float()
-            logprobs = masked.gather(-1, best[:, None])[:, 0] - masked.logsumexp(-1)
+        masked, best = self._choose(logits, first, contexts, noise)
+        masked = masked.float()
+        logprobs = masked.gather(-1, best[:, None])[:, 0] - masked.logsumexp(-1)
         return best.tolist(), logprobs.tolist()  # one wait for the device: the second read is ready
 
     def choose(self, logits: torch.Tensor, first: torch.Tensor | bool = False,

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView, RowView
-from specasr_vllm.models.rules import greedy
 
 
 @dataclass(frozen=True)
@@ -293,15 +292,6 @@ class Whisper(nn.Module):
         logits = self.run_decoder(tokens.to(dev, non_blocking=True), step, view, head)
         cache.advance(rows, n)
         return logits
-
-    @torch.no_grad()
-    def pick(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int] | None = None,
-             tree_mask: torch.Tensor | None = None, depths: torch.Tensor | None = None, *,
-             suppress: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``decode``, then the greedy pick at every new token (``rules.greedy`` with ``suppress``): the tokens and
-        their log-probabilities, (batch, n) each. What greedy decoding needs of a step when no rule depends on
-        the tokens before it (no timestamps, no sampling); compiled steps end with the pick inside the graph."""
-        return greedy(self.decode(tokens, cache, rows, tree_mask, depths), suppress)
 
     def run_decoder(self, tokens: torch.Tensor, step: StepInputs, view: RowView | FixedView,
                     head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
