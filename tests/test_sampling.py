@@ -165,6 +165,28 @@ def test_suppression_by_columns_equals_the_boolean_rule(random_pair):
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_choose_skips_the_masked_copy_only_when_no_favourite_is_suppressed(random_pair):
+    """Greedy ``choose`` with the suppression alone: whether or not some position's favourite is a suppressed id
+    (or ties with one below it), the tokens are the masked argmax and ``logprobs`` equals ``pick``'s."""
+    target, _ = random_pair
+    rules = WhisperRules(target)
+    banned = sorted(rules.suppression.suppressed)[:2]
+    torch.manual_seed(2)
+    logits = torch.randn(4, target.model.dims.vocab_size)
+    clean = logits.clone()
+    clean[:, banned] = -10.0  # no favourite is suppressed: the logits come back unmasked
+    dirty = logits.clone()
+    dirty[1, banned[0]] = 50.0  # row 1's favourite is suppressed
+    dirty[2, banned[0]] = dirty[2].max()  # row 2's favourite ties with a suppressed id
+    for given in (clean, dirty):
+        masked, chosen = rules.choose(given)
+        assert chosen == rules.mask(given).argmax(-1).tolist()
+        tokens, logprobs = rules.pick(given)
+        assert chosen == tokens and not rules.suppression.suppressed.intersection(chosen)
+        assert rules.logprobs(masked, [0, 1, 2, 3], chosen) == pytest.approx(logprobs, abs=1e-6)
+    assert rules.choose(clean)[0] is clean and rules.choose(dirty)[0] is not dirty
+
+
 def _decode_both(target: ASRModel, draft: ASRModel, mel: torch.Tensor, sampling: Sampling, timestamps: bool):
     """AR and speculative decodes of the same windows with the same seeds, and the drafter's statistics."""
     batch = len(sampling.seeds)

@@ -9,7 +9,7 @@ from specasr_vllm.models.packing import TreeRow, pack_rows
 from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.speculation.acceptance import Acceptance, accept_greedy, accepted_path
 from specasr_vllm.speculation.adaptive import ConfidencePolicy, FixedLength
-from specasr_vllm.speculation.bridge import IdentityBridge, TextBridge, make_bridge
+from specasr_vllm.speculation.bridge import IdentityBridge, TextBridge, TextSoFar, make_bridge
 from specasr_vllm.speculation.recycling import common_prefix, recycle_candidates
 from specasr_vllm.speculation.tree import ROOT, DraftTree
 
@@ -22,8 +22,12 @@ def test_chain_is_a_tree_with_one_child_per_node():
     assert [tree.depth(i) for i in range(3)] == [1, 2, 3]
     row = tree.verification_row(4)
     assert row.tokens == [4, 5, 6, 7] and row.depths == [0, 1, 2, 3] and row.parents == [-1, 0, 1, 2]
-    packed = pack_rows([row], EOT, torch.device("cpu"))
-    assert torch.equal(packed.mask[0], torch.ones(4, 4, dtype=torch.bool).tril())
+    packed = pack_rows([row], EOT, torch.device("cpu"))  # a chain filling its width: the decoder's causal default
+    assert packed.tokens.tolist() == [[4, 5, 6, 7]] and packed.mask is None and packed.depths is None
+    padded = pack_rows([row], EOT, torch.device("cpu"), width=5)  # padded: a mask, and the padding sees itself
+    assert torch.equal(padded.mask[0], torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                                     [1, 1, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool))
+    assert padded.depths.tolist() == [[0, 1, 2, 3, 0]]
 
 
 def test_tree_mask_and_trie_merge():
@@ -169,6 +173,25 @@ def _valid(data: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_text_bridge_reads_a_growing_output_once(tokenizers):
+    """With a ``TextSoFar`` per request, each prefix of a growing output maps to exactly what a fresh reading of
+    the whole prefix gives (words split across tokens, characters split across tokens, digits, contractions,
+    runs of spaces, timestamps and end-of-text among the ids), and an output that does not simply grow is read
+    again from the start."""
+    multi, english = tokenizers
+    bridge = TextBridge(multi, english)
+    text = " It's 1,024 gold-pieces,  鬱 and 𝄞 music!  Don't   stop... now, Mr. O'Neil"
+    ids = multi.encode(text)
+    ids = ids[:5] + [multi.timestamp_begin + 7] + ids[5:] + [multi.eot]
+    so_far = TextSoFar()
+    for n in range(len(ids) + 1):
+        assert bridge.to_draft(ids[:n], so_far) == bridge.to_draft(ids[:n]), n
+    assert so_far.stable > 0 and english.decode(so_far.stable_tokens) == text[: len(english.decode(so_far.stable_tokens))]
+    other = multi.encode(" A different start")
+    assert bridge.to_draft(other, so_far) == bridge.to_draft(other)  # not a continuation: read again
+    assert bridge.to_draft(other[:2], so_far) == bridge.to_draft(other[:2])  # shorter: read again
 
 
 def test_text_bridge_proposals_cut_unfinished_words(tokenizers):

@@ -27,24 +27,33 @@ class TreeRow:
 @dataclass
 class PackedRows:
     tokens: torch.Tensor  # (batch, n)
-    mask: torch.Tensor  # (batch, n, n): token i sees token j
-    depths: torch.Tensor  # (batch, n)
+    mask: torch.Tensor | None  # (batch, n, n): token i sees token j; None: every row a chain (the causal default)
+    depths: torch.Tensor | None  # (batch, n); None with ``mask``: token i at depth i
 
 
 def pack_rows(rows: list[TreeRow], pad_token: int, device: torch.device, width: int | None = None) -> PackedRows:
-    """Rows padded to ``width`` (default: the longest row), with each token's ancestor mask."""
+    """Rows padded to ``width`` (default: the longest row), with each token's ancestor mask.
+
+    Rows that are all chains of the full width need no mask: ``mask`` and ``depths`` are then None and the
+    decoder takes its causal default (what most verification passes and catch-up passes are). Built as
+    Python lists and moved to ``device`` once: a pass costs no tensor operation per token.
+    """
     n = width or max(len(r.tokens) for r in rows)
-    host = torch.device("cpu")
-    tokens = torch.full((len(rows), n), pad_token, dtype=torch.long, device=host)
-    mask = torch.eye(n, dtype=torch.bool, device=host).repeat(len(rows), 1, 1)
-    depths = torch.zeros(len(rows), n, dtype=torch.long, device=host)
-    for b, row in enumerate(rows):
+    for row in rows:
         if len(row.tokens) > n:
             raise ValueError(f"row of {len(row.tokens)} tokens does not fit width {n}")
-        tokens[b, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long, device=host)
-        depths[b, : len(row.depths)] = torch.tensor(row.depths, dtype=torch.long, device=host)
-        for i, parent in enumerate(row.parents):
-            if parent >= 0:
-                mask[b, i] |= mask[b, parent]
-    return PackedRows(tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-                      depths.to(device, non_blocking=True))
+    tokens = [row.tokens + [pad_token] * (n - len(row.tokens)) for row in rows]
+    if all(len(row.tokens) == n and row.parents == list(range(-1, n - 1)) for row in rows):
+        return PackedRows(torch.tensor(tokens, device=device), None, None)
+    depths = [row.depths + [0] * (n - len(row.depths)) for row in rows]
+    masks = []
+    for row in rows:
+        seen: list[list[bool]] = []
+        for i in range(n):  # ancestors first (a parent precedes its children); padding sees itself alone
+            parent = row.parents[i] if i < len(row.parents) else -1
+            line = list(seen[parent]) if parent >= 0 else [False] * n
+            line[i] = True
+            seen.append(line)
+        masks.append(seen)
+    return PackedRows(torch.tensor(tokens, device=device), torch.tensor(masks, device=device),
+                      torch.tensor(depths, device=device))

@@ -173,11 +173,7 @@ def row_step(tokens: torch.Tensor, cache: DecoderCache, row: int, tree_mask: tor
         raise ValueError(f"decoder positions exceed {cache.capacity}")
     span = min(cache.capacity, -(-(start + n) // granule) * granule)
     step = step_inputs([start], n, tree_mask, depths, span, None, 0, device)
-    frames = cache.frames([row])[0]
-    own = slice(row, row + 1)
-    state = ([t[own, :, :span] for tensors in (cache.self_k, cache.self_v) for t in tensors]
-             + [t[own, :, :frames] for tensors in (cache.cross_k, cache.cross_v) for t in tensors])
-    return (tokens.to(device, non_blocking=True), step.positions, step.slots, step.mask), state
+    return (tokens.to(device, non_blocking=True), step.positions, step.slots, step.mask), cache.row_kv(row, span)
 
 
 class Encoder(nn.Module):

@@ -10,7 +10,7 @@ multilingual base: only 270 ids mean the same bytes): ``TextBridge`` goes throug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from tokenizers import pre_tokenizers
@@ -25,9 +25,29 @@ class Mapped:
     draft_used: int  # how many draft tokens the mapped target tokens cover entirely
 
 
+@dataclass
+class TextSoFar:
+    """One request's accepted target output as text, kept between passes by ``TextBridge.to_draft``.
+
+    A request's output only grows, and a word's draft tokens are final once a later word has begun (byte-level
+    BPE tokenises each pre-tokenizer piece alone, and the pieces before the last one never change when text is
+    appended). So each pass re-tokenises only the text from the last word on, whatever the request's length.
+    """
+
+    read: int = 0  # target tokens read so far
+    last: int | None = None  # the last of them (a cheap check that the output only grew)
+    data: bytes = b""  # their text
+    stable: int = 0  # bytes of ``data`` whose draft tokens are final
+    stable_tokens: list[int] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.read, self.last, self.data, self.stable, self.stable_tokens = 0, None, b"", 0, []
+
+
 class TokenBridge(Protocol):
-    def to_draft(self, target_tokens: list[int]) -> list[int] | None:
-        """The draft's tokens for the target's accepted output (``None``: not representable yet)."""
+    def to_draft(self, target_tokens: list[int], so_far: TextSoFar | None = None) -> list[int] | None:
+        """The draft's tokens for the target's accepted output (``None``: not representable yet); ``so_far`` (one
+        per request, updated in place) saves re-reading what earlier calls for the same request read."""
 
     def to_target(self, draft_tokens: list[int], probs: list[float], next_draft_token: int | None) -> Mapped:
         """Target tokens for a draft continuation; ``next_draft_token`` is the draft's token after it."""
@@ -37,7 +57,7 @@ class IdentityBridge:
     def __init__(self, eot: int):
         self.eot = eot
 
-    def to_draft(self, target_tokens: list[int]) -> list[int]:
+    def to_draft(self, target_tokens: list[int], so_far: TextSoFar | None = None) -> list[int]:
         return target_tokens
 
     def to_target(self, draft_tokens: list[int], probs: list[float], next_draft_token: int | None) -> Mapped:
@@ -56,13 +76,27 @@ class TextBridge:
     def __init__(self, target: WhisperTokenizer, draft: WhisperTokenizer):
         self.target, self.draft = target, draft
 
-    def to_draft(self, target_tokens: list[int]) -> list[int] | None:
-        data = b"".join(self.target.token_bytes[t] for t in target_tokens if t < self.target.eot)
+    def to_draft(self, target_tokens: list[int], so_far: TextSoFar | None = None) -> list[int] | None:
+        grew = so_far is not None and so_far.read <= len(target_tokens) and (
+            so_far.read == 0 or target_tokens[so_far.read - 1] == so_far.last)
+        if so_far is None:
+            so_far = TextSoFar()
+        elif not grew:  # an output that did not simply grow: read it from the start
+            so_far.clear()
+        new = target_tokens[so_far.read :]
+        so_far.data += b"".join(self.target.token_bytes[t] for t in new if t < self.target.eot)
+        so_far.read, so_far.last = len(target_tokens), (target_tokens[-1] if target_tokens else None)
         try:
-            text = data.decode("utf-8")
+            text = so_far.data[so_far.stable :].decode("utf-8")  # ``stable`` ends a word, so a character
         except UnicodeDecodeError:  # ends inside a character: wait for the rest
             return None
-        return self.draft.encode(text)
+        tokens = so_far.stable_tokens + self.draft.encode(text)
+        words = _WORDS.pre_tokenize_str(text)
+        if len(words) >= 2:  # every word but the last is final: tokenise them once more, and never again
+            done = text[: words[-1][1][0]]
+            so_far.stable_tokens = so_far.stable_tokens + self.draft.encode(done)
+            so_far.stable += len(done.encode("utf-8"))
+        return tokens
 
     def to_target(self, draft_tokens: list[int], probs: list[float], next_draft_token: int | None) -> Mapped:
         ends_text = bool(draft_tokens) and draft_tokens[-1] == self.draft.eot

@@ -30,7 +30,7 @@ from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.speculation.acceptance import accepted_path
 from specasr_vllm.speculation.adaptive import ConfidencePolicy, Costs, FixedLength
-from specasr_vllm.speculation.bridge import IdentityBridge, TokenBridge, make_bridge
+from specasr_vllm.speculation.bridge import IdentityBridge, TextSoFar, TokenBridge, make_bridge
 from specasr_vllm.speculation.draft_model import DraftModel
 from specasr_vllm.speculation.recycling import common_prefix, recycle_candidates
 from specasr_vllm.speculation.requests import draft_features, draft_prefix, draft_serves
@@ -58,6 +58,7 @@ class _Request:
     echo: bool = False  # the draft decodes no timestamps but the target does: repeat its closing ones
     echo_node: int | None = None  # the last tree's repeated timestamp, if it has one
     last_tree: DraftTree | None = None  # what the last ``propose`` sent, awaiting ``feedback``
+    text: TextSoFar = field(default_factory=TextSoFar)  # the bridge's reading of the target's output so far
     passes: int = 0
     accepted: int = 0
     stats: SpecStats = field(default_factory=SpecStats)
@@ -248,7 +249,7 @@ class Drafter:
         req = self.requests[key]
         if not req.enabled or req.row is None or budget < 1:
             return None
-        new = self.bridge.to_draft(output)
+        new = self.bridge.to_draft(output, req.text)
         if new is None:
             return None
         full = req.prefix + new
@@ -295,21 +296,17 @@ class Drafter:
         rows = self._live_rows() if rows is None else rows
         dummy = TreeRow.chain([self._tok.eot])
         batch = [inputs.get(row, dummy) for row in rows]
-        if all(len(r.tokens) == 1 for r in batch):  # a greedy step: one token a row, nothing to mask
-            tokens, mask, depths = torch.tensor([r.tokens for r in batch], device=self.device), None, None
-        else:
-            packed = pack_rows(batch, self._tok.eot, self.device)
-            tokens, mask, depths = packed.tokens, packed.mask, packed.depths
+        packed = pack_rows(batch, self._tok.eot, self.device)  # greedy steps: chains of one, no mask
         starts = self.cache.lengths(rows)
         t0 = time.perf_counter()
-        host = self.draft.choices(tokens, self.cache, rows, mask, depths,
+        host = self.draft.choices(packed.tokens, self.cache, rows, packed.mask, packed.depths,
                                   {rows.index(row): pos for row, pos in (begin or {}).items()})
-        if tokens.shape[1] == 1:
+        if packed.tokens.shape[1] == 1:
             self.costs.observe(draft_step=time.perf_counter() - t0)
         for row, start in zip(rows, starts):
             self.cache.set_length(row, start)
-        ids, probs = host[0].long().tolist(), host[1].tolist()
-        return {row: [((i[0], p[0]), (i[1], p[1])) for i, p in zip(ids[b], probs[b])][: len(inputs[row].tokens)]
+        ids, probs = host.tolist()  # ids are exact as floats (< 2**24)
+        return {row: [((int(i[0]), p[0]), (int(i[1]), p[1])) for i, p in zip(ids[b], probs[b])][: len(inputs[row].tokens)]
                 for b, row in enumerate(rows) if row in inputs}
 
     def _count_step(self, rounds: list[_Round], parallel: set[Hashable] = frozenset()) -> None:
