@@ -206,6 +206,35 @@ def _decode_both(target: ASRModel, draft: ASRModel, mel: torch.Tensor, sampling:
     return reference, out, drafter.release(keys), greedy
 
 
+@pytest.mark.parametrize("declined", [[0, 1], [1]])
+def test_once_no_row_drafts_the_rest_is_ar_steps(random_pair, monkeypatch, declined):
+    """Rows that never draft (declined before the first pass): with every row declined the drafter is never asked
+    for a tree and each pass is one AR step; with one row still drafting, proposals go on. Either way the tokens
+    and log-probabilities are AR's, and the statistics count every pass and token."""
+    target, draft = random_pair
+    torch.manual_seed(4)
+    mel = torch.randn(2, target.n_mels, 3000)
+    features = target.model.encode(mel)
+    rules = WhisperRules(target)
+    prefixes = [target.tokenizer.prefix("en")] * 2
+    reference = decode_ar(target, rules, features, prefixes, MAX_POSITIONS)
+    drafter = Drafter.build(draft, target.tokenizer, SpecConfig(draft_vocab=None, max_batch=2, fallback_after=10**6))
+    for key, m in zip((0, 1), mel):
+        drafter.start(key, "en", mel=m)
+    drafter.decline(declined, "test")
+    proposals = []
+    propose = drafter.propose
+    monkeypatch.setattr(drafter, "propose", lambda *a: proposals.append(1) or propose(*a))
+    out = decode_speculative(target, rules, drafter, features, prefixes, [0, 1], MAX_POSITIONS)
+    assert [o.tokens for o in out] == [r.tokens for r in reference]
+    assert [o.logprobs for o in out] == [pytest.approx(r.logprobs, abs=1e-4) for r in reference]
+    assert bool(proposals) == (len(declined) < 2)
+    stats = drafter.release([0, 1])
+    for key in declined:
+        assert stats[key].target_passes == reference[key].passes == out[key].passes
+        assert stats[key].output_tokens == len(reference[key].tokens) and stats[key].drafted_tokens == 0
+
+
 @pytest.mark.parametrize("timestamps", [False, True])
 def test_speculative_sampling_equals_ar_on_random_models(random_pair, timestamps):
     target, draft = random_pair

@@ -4,6 +4,8 @@ the reference output every speculative method must reproduce token for token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from specasr_vllm.config import MAX_TARGET_POSITIONS
@@ -34,23 +36,36 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
     with BatchRows(model, audio_features, cache) as batch:
         prefill = model.decode(torch.tensor(prefixes, device=model.device), batch.cache, batch.rows)
         outputs = [Decoded(no_speech_prob=p) for p in rules.no_speech_prob(prefill, prefixes[0])]
-        logits = prefill[:, -1]
-        first = True
-        while batch.active:
-            contexts = [outputs[i].tokens for i in batch.active] if timestamps else None
-            noise = None if sampling is None else sampling.noise(
-                batch.active, [len(outputs[i].tokens) for i in batch.active], logits.shape[-1], logits.device)
-            tokens, logprobs = rules.pick(logits, first, contexts, noise)
-            first = False
-            keep = []
-            for pos, (i, tok, logprob) in enumerate(zip(batch.active, tokens, logprobs)):
-                outputs[i].extend([tok], [logprob], rules.eot)
-                outputs[i].passes += 1
-                if tok != rules.eot and len(prefixes[i]) + len(outputs[i].tokens) < max_positions:
-                    keep.append(pos)
-            batch.keep(keep)
-            if not batch.active:
-                break
+        ar_steps(asr, rules, batch, outputs, [max_positions - len(p) for p in prefixes], timestamps, sampling,
+                 logits=prefill[:, -1])
+    return outputs
+
+
+def ar_steps(asr: ASRModel, rules: WhisperRules, batch: BatchRows, outputs: list[Decoded], limit: list[int],
+             timestamps: bool = False, sampling: Sampling | None = None, logits: torch.Tensor | None = None,
+             emitted: Callable[[dict[int, int]], None] | None = None) -> None:
+    """AR steps for the rows of ``batch`` until each ends: ``outputs[i]`` grows by one token a step and stops at
+    end-of-text or ``limit[i]`` tokens. ``logits`` (one row per active request) are the target's at each row's
+    next position, right after the prefill (the first pick); without them each row's newest token is fed first
+    (speculative decoding hands over here once no row drafts). ``emitted`` hears each step's tokens per request.
+    """
+    model = asr.model
+    first = logits is not None
+    while batch.active:
+        if logits is None:
             step = torch.tensor([[outputs[i].tokens[-1]] for i in batch.active], device=model.device)
             logits = model.decode(step, batch.cache, batch.rows)[:, -1]
-    return outputs
+        contexts = [outputs[i].tokens for i in batch.active] if timestamps else None
+        noise = None if sampling is None else sampling.noise(
+            batch.active, [len(outputs[i].tokens) for i in batch.active], logits.shape[-1], logits.device)
+        tokens, logprobs = rules.pick(logits, first, contexts, noise)
+        first, logits = False, None
+        keep = []
+        for pos, (i, tok, logprob) in enumerate(zip(batch.active, tokens, logprobs)):
+            outputs[i].extend([tok], [logprob], rules.eot)
+            outputs[i].passes += 1
+            if tok != rules.eot and len(outputs[i].tokens) < limit[i]:
+                keep.append(pos)
+        if emitted is not None:
+            emitted(dict(zip(batch.active, tokens)))
+        batch.keep(keep)

@@ -5,7 +5,9 @@ row ends, the drafter proposes a tree per row, the target scores every row's tre
 forward (tree attention mask), the greedy acceptance rule keeps the longest matching path plus the
 target's own next token, and the target's cache keeps exactly that path. Output is token-identical
 to ``decode_ar``, greedy or sampled with the same seeds: the target's choice at a tree node is the
-token AR would pick there, noise included (``models/sampling.py``).
+token AR would pick there, noise included (``models/sampling.py``). Once no row of the batch drafts any more
+(each declined or fell back), the rest is ``decode_ar``'s own steps: a fallen-back request pays nothing
+for the drafting loop (its passes cost ~0.5-1 ms a token more than AR's steps).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from specasr_vllm.config import MAX_TARGET_POSITIONS
+from specasr_vllm.engine.ar import ar_steps
 from specasr_vllm.engine.decoded import Decoded
 from specasr_vllm.engine.rows import BatchRows
 from specasr_vllm.models.kv_cache import DecoderCache
@@ -59,6 +62,10 @@ def decode_speculative(
         _keep_unfinished(batch, drafter, keys, outputs, last, limit, rules.eot)
         while batch.active:
             active = batch.active
+            if not any(drafter.drafting(keys[i]) for i in active):  # every row runs as AR now: at AR's cost
+                ar_steps(asr, rules, batch, outputs, limit, timestamps, sampling,
+                         emitted=lambda tokens: drafter.feedback({keys[i]: [t] for i, t in tokens.items()}))
+                break
             trees = drafter.propose({keys[i]: outputs[i].tokens for i in active},
                                     {keys[i]: limit[i] - len(outputs[i].tokens) - 1 for i in active})
             tree_rows = [trees[keys[i]].verification_row(last[i]) for i in active]

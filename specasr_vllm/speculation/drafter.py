@@ -145,6 +145,10 @@ class Drafter:
         req.mel = draft_features(self.draft.asr.n_mels, mel, audio, self.config.draft_unpadded)
         return True
 
+    def drafting(self, key: Hashable) -> bool:
+        """Whether the request may still draft (neither declined nor fallen back to AR)."""
+        return self.requests[key].enabled
+
     def stats(self, key: Hashable) -> SpecStats:
         """A request's counters (read them; the drafter keeps them up to date)."""
         return self.requests[key].stats
