@@ -6,8 +6,8 @@ forward (tree attention mask), the greedy acceptance rule keeps the longest matc
 target's own next token, and the target's cache keeps exactly that path. Output is token-identical
 to ``decode_ar``, greedy or sampled with the same seeds: the target's choice at a tree node is the
 token AR would pick there, noise included (``models/sampling.py``). Once no row of the batch drafts any more
-(each declined or fell back), the rest is ``decode_ar``'s own steps: a fallen-back request pays nothing
-for the drafting loop (its passes cost ~0.5-1 ms a token more than AR's steps).
+(each declined or fell back), the rest is ``decode_ar``'s own steps (``ar_steps``): no more calls into the
+drafter per token, and AR's pick instead of the verifier's rules.
 """
 
 from __future__ import annotations
