@@ -90,13 +90,14 @@ class TextBridge:
             text = so_far.data[so_far.stable :].decode("utf-8")  # ``stable`` ends a word, so a character
         except UnicodeDecodeError:  # ends inside a character: wait for the rest
             return None
-        tokens = so_far.stable_tokens + self.draft.encode(text)
         words = _WORDS.pre_tokenize_str(text)
-        if len(words) >= 2:  # every word but the last is final: tokenise them once more, and never again
-            done = text[: words[-1][1][0]]
-            so_far.stable_tokens = so_far.stable_tokens + self.draft.encode(done)
-            so_far.stable += len(done.encode("utf-8"))
-        return tokens
+        if len(words) < 2:
+            return so_far.stable_tokens + self.draft.encode(text)
+        # every word but the last is final: tokenised once, here, and kept; the last word again next time
+        done, last = text[: words[-1][1][0]], text[words[-1][1][0] :]
+        so_far.stable_tokens = so_far.stable_tokens + self.draft.encode(done)
+        so_far.stable += len(done.encode("utf-8"))
+        return so_far.stable_tokens + self.draft.encode(last)
 
     def to_target(self, draft_tokens: list[int], probs: list[float], next_draft_token: int | None) -> Mapped:
         ends_text = bool(draft_tokens) and draft_tokens[-1] == self.draft.eot
