@@ -9,7 +9,9 @@ decoder steps of target and draft replayed as captured CUDA graphs, the engine's
 size and method (``ar``, ``specasr``, ``sd``) transcribes the English dev files after one warm-up call,
 and prints per row: seconds, speedup over the dtype's first row (AR, first mode, first batch size),
 tokens per second, graphs captured and how many files are token-identical to that first row (fp16 and
-fp32 may legitimately differ from each other). ``--components`` also times the steps alone per mode.
+fp32 may legitimately differ from each other). ``--draft-runs 1,8`` runs each drafting method once per run
+length (greedy draft steps per graph replay, ``SpecConfig.draft_run``; on the ``graphs`` mode only: eager
+steps draft one at a time). ``--components`` also times the steps alone per mode.
 
 ``--save-audio F.npz`` decodes the dev files to 16 kHz int16 once (on a machine with PyAV), and
 ``--audio F.npz`` reads them back, for GPU machines without an audio decoder.
@@ -68,14 +70,15 @@ def run_dtype(dtype: str, args: argparse.Namespace, items: list[tuple[str, np.nd
         if args.components:
             model = CompiledWhisper(target.model) if graphs else target.model
             try:
-                components[mode] = alone(model, DraftModel(draft, SpecConfig(), compile=graphs), args.reps)
+                components[mode] = alone(model, DraftModel(draft, SpecConfig(draft_run=max(args.draft_runs)),
+                                                           compile=graphs), args.reps)
             except Exception:  # noqa: BLE001
                 print(f"{dtype} {mode} components failed:\n{traceback.format_exc()}", flush=True)
         for batch in args.batch_sizes:
             ar_tokens = None
-            for method in args.methods:
+            for method, run in [(m, r) for m in args.methods for r in (args.draft_runs if m != "ar" else [1])]:
                 config = EngineConfig(method=method, device=args.device, dtype=dtype, batch_size=batch, compile=graphs,
-                                      spec=SpecConfig.for_method(method, max_batch=max(args.max_batch, 1)))
+                                      spec=SpecConfig.for_method(method, max_batch=max(args.max_batch, 1), draft_run=run))
                 try:  # a failure (a graph that would not capture, say) is reported and the other rows still run
                     engine = Transcriber(config, target=target, draft=draft if method != "ar" else None)
                     tokens, seconds, decode, stats = _timed(engine, items, batch)
@@ -86,7 +89,8 @@ def run_dtype(dtype: str, args: argparse.Namespace, items: list[tuple[str, np.nd
                     continue
                 reference = reference or tokens  # the first row: AR at the first mode and batch size
                 ar_tokens = ar_tokens or tokens  # AR at this mode and batch size
-                rows.append({"dtype": dtype, "mode": mode, "batch": batch, "method": method, "files": len(items),
+                rows.append({"dtype": dtype, "mode": mode, "batch": batch, "method": method, "draft_run": run,
+                             "files": len(items),
                              "seconds": round(seconds, 3), "decode_seconds": round(decode, 3),
                              "tokens": sum(map(len, tokens)), "identical": sum(map(operator.eq, tokens, reference)),
                              "identical_to_ar_here": sum(map(operator.eq, tokens, ar_tokens)),
@@ -160,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="1", help="e.g. 1,16: at B > 1 the engine decodes B windows at once")
     p.add_argument("--max-batch", type=int, default=SpecConfig.max_batch,
                    help="SpecASR drafts for batches of at most this many windows (SpecConfig.max_batch)")
+    p.add_argument("--draft-runs", default=str(SpecConfig.draft_run),
+                   help="e.g. 1,8: drafting methods once per run length (greedy draft steps per graph replay)")
     p.add_argument("--components", action="store_true", help="also time the steps alone (ms, medians)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--profile", action="store_true", help="cProfile 8 files per graphs row at batch 1")
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = args.methods.split(",")
     args.modes = args.modes.split(",")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.draft_runs = [int(r) for r in args.draft_runs.split(",")]
     if "ar" not in args.methods:
         p.error("--methods must include ar (identity and speedups are measured against it)")
     args.methods = ["ar"] + [m for m in args.methods if m != "ar"]  # AR first: the reference of every row
@@ -198,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: list[dict], components: dict) -> str:
     """The rows as text (x AR: against the first row, AR at the first mode and batch size) and the components."""
-    header = (f"{'dtype':8} {'mode':7} {'batch':>5} {'method':8} {'seconds':>8} {'x AR':>6} {'decode s':>9} "
+    header = (f"{'dtype':8} {'mode':7} {'batch':>5} {'method':8} {'run':>3} {'seconds':>8} {'x AR':>6} {'decode s':>9} "
               f"{'dec x AR':>8} {'tok/s':>7} {'graphs':>6} {'tok/pass':>8} {'drafts/pass':>11} {'accepted':>8} "
               f"{'fallback':>8} {'warm s':>6} {'+capt':>5} identical (to the first row, to AR here)")
     lines = [header]
     for r in rows:
-        lines.append(f"{r['dtype']:8} {r['mode']:7} {r['batch']:5} {r['method']:8} {r['seconds']:8.2f} {r['x_ar']:6.2f} "
+        lines.append(f"{r['dtype']:8} {r['mode']:7} {r['batch']:5} {r['method']:8} {r['draft_run']:3} {r['seconds']:8.2f} {r['x_ar']:6.2f} "
                      f"{r['decode_seconds']:9.2f} {r['decode_x_ar']:8.2f} {r['tokens'] / r['seconds']:7.0f} "
                      f"{r['graphs']:6} {r['tokens_per_pass']:8.2f} {r['draft_steps_per_pass']:11.2f} "
                      f"{r['accepted_of_drafted']:8.3f} {r['files_fallen_back']:8} {r['warm_seconds']:6.1f} "

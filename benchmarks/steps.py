@@ -59,4 +59,8 @@ def alone(model, draft: DraftModel | None, reps: int) -> dict[str, float]:
         # what a greedy draft step is in the loop: the step, the two best choices, the copy to the host
         out["draft_step"] = _median_ms(lambda: draft.choices(step, dcache, [0], mask, depths, {}), reps,
                                        lambda: dcache.set_length(0, CONTEXT))
+        if draft.run_length > 1:  # a run of greedy steps in one call (graphs only), and what that is per step
+            run = _median_ms(lambda: draft.run(step, dcache, [0]), reps, lambda: dcache.set_length(0, CONTEXT))
+            out[f"draft_run_{draft.run_length}"] = run
+            out["draft_step_in_run"] = run / draft.run_length
     return out

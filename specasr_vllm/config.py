@@ -127,6 +127,9 @@ class SpecConfig:
     draft_unpadded: bool = True  # the draft's encoder sees the audio, not the padded 30 s window
     draft_int8: bool = True  # dynamic int8 quantisation of the draft's linear layers (CPU)
     draft_vocab: int | None = 16384  # the draft's output layer covers only the first N ids (BPE's most frequent)
+    # greedy draft steps per call where the draft's steps are CUDA graphs (DraftModel.run): one replay drafts
+    # this many tokens, the host reading them at once; steps past where the chain stops are wasted device work
+    draft_run: int = 8
     fallback_after: int = 4  # passes before judging whether drafting pays for a request
     min_accept: float = 0.3  # accepted tokens per pass, beyond paying for the draft steps, that drafting must earn
     # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR; the

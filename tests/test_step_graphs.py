@@ -109,6 +109,59 @@ def test_the_draft_step_through_graphs_chooses_like_the_eager_draft(tiny_en):
     assert graphed.graphs.calls == 7 and len(graphed.graphs) == 4  # 3 tokens, 1, then 2 and 2 rows on the new cache
 
 
+def test_a_run_of_draft_steps_chooses_and_caches_like_single_steps(tiny_en):
+    """``DraftModel.run``: each step fed the last one's best token, in one call over a block of two rows with
+    audio of different lengths, gives the choices and the cache that one step at a time gives."""
+    run = DraftModel(tiny_en, SpecConfig(draft_int8=False, draft_run=5), graphs=True)
+    single = DraftModel(tiny_en, SpecConfig(draft_int8=False, draft_run=1), graphs=True)
+    assert (run.run_length, single.run_length) == (5, 1)
+    torch.manual_seed(6)
+    features = [run.model.encode(torch.randn(1, tiny_en.n_mels, frames)) for frames in (600, 1000)]
+    caches = [run.empty_cache(2), single.empty_cache(2)]
+    for cache in caches:
+        for f in features:
+            cache.claim(*run.cross_kv(f))
+        run.choices(torch.tensor([[50257, 50362, 464], [50257, 50362, 383]]), cache, [0, 1], None, None, {})
+        cache.set_length(1, 2)  # rows at different lengths
+    out = run.run(torch.tensor([[1029], [220]]), caches[0], [0, 1])
+    assert out.shape == (2, 2, 5, 2) and caches[0].lengths([0, 1]) == [8, 7]
+    tokens = torch.tensor([[1029], [220]])
+    for i in range(5):
+        step = single.choices(tokens, caches[1], [0, 1], None, None, {})
+        assert torch.equal(out[0, :, i], step[0, :, 0]) and (out[1, :, i] - step[1, :, 0]).abs().max() < 1e-5
+        tokens = step[0, :, :, 0].long()
+    assert caches[1].lengths([0, 1]) == [8, 7]
+    for a, b in zip(caches[0].self_k + caches[0].self_v, caches[1].self_k + caches[1].self_v):
+        assert (a[0, :, :8] - b[0, :, :8]).abs().max() < 1e-5 and (a[1, :, :7] - b[1, :, :7]).abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="graphs"):
+        DraftModel(tiny_en, SpecConfig(draft_run=5)).run(tokens, caches[1], [0, 1])
+    caches[0].set_length(0, 444)
+    with pytest.raises(ValueError, match="positions"):
+        run.run(tokens, caches[0], [0, 1])
+
+
+def test_runs_of_draft_steps_propose_what_single_steps_propose(base, tiny_en, manifest, dev_audio):
+    """Plain speculative decoding (fixed length, so the chains do not depend on measured costs) with the draft
+    drafting in runs of 3 steps and one step at a time: the same tokens, passes and drafted and accepted
+    tokens; the runs count every step they computed."""
+    entry = next(e for e in manifest if e.language == "en" and e.duration <= 30)
+    target = dataclasses.replace(base, model=CompiledWhisper(base.model, graphs=True))
+    stats = {}
+    for run in (1, 3):
+        engine = Transcriber(EngineConfig(method="sd", batch_size=1, compile=False), target=target)
+        config = dataclasses.replace(engine.config.spec, k=7, draft_run=run, fallback_after=10**6)
+        engine.drafter = Drafter(DraftModel(tiny_en, config, graphs=True),
+                                 make_bridge(base.tokenizer, tiny_en.tokenizer), config, base.tokenizer.eot,
+                                 base.tokenizer.timestamp_begin)
+        out = engine.transcribe([dev_audio[entry.id]], language="en")[0]
+        stats[run] = (out.tokens, out.stats)
+    (tokens1, s1), (tokens3, s3) = stats[1], stats[3]
+    assert tokens1 == tokens3
+    assert (s1.target_passes, s1.drafted_tokens, s1.accepted_tokens) == \
+        (s3.target_passes, s3.drafted_tokens, s3.accepted_tokens)
+    assert s1.drafted_tokens > 0 and s3.draft_steps > s1.draft_steps
+
+
 def test_specasr_through_step_graphs_emits_eager_ar_tokens_on_dev_files(base, tiny_en, manifest, dev_audio):
     """The decoding the GPU path makes, on real speech: target verification passes and the draft's steps
     through step graphs, the same tokens as eager AR."""

@@ -13,7 +13,9 @@ faster keeps the output exact and only changes how often drafts are accepted:
   forward cost 1.76 ms with a one-token graph over every slot and frame and eager catch-up passes,
   and 1.29-1.35 ms this way (``benchmarks.components``). On a GPU, where an eager step is
   launch-bound, every call over a block of rows (greedy steps, catch-up passes, branches) is replayed
-  as a captured CUDA graph (``StepGraphs``).
+  as a captured CUDA graph (``StepGraphs``), and greedy drafting runs ``SpecConfig.draft_run`` steps per
+  graph (``run``): each step's best token feeds the next on the device, so the host reads a run of
+  choices at once instead of paying its own per-step overhead (inputs, launch, copy back) for each token.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from specasr_vllm.models.kv_cache import DecoderCache, FixedView, OneRowView
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import Suppression
 from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, padded_step
-from specasr_vllm.models.whisper import StepInputs, Whisper, row_step
+from specasr_vllm.models.whisper import StepInputs, Whisper, block_step, row_step
 
 
 class DraftModel:
@@ -67,6 +69,10 @@ class DraftModel:
         self.graph_calls = 0  # one-row calls served by the TorchScript graph
         self.graphs = StepGraphs(_DraftStep(self.model, self.head, self.suppress, self.begin_suppress, self.ids),
                                  device) if graphs else None
+        # greedy steps per call: a run of them in one graph where steps are graphs, else one at a time
+        self.run_length = config.draft_run if graphs else 1
+        self._runs = StepGraphs(_DraftRun(self.model, self.head, self.suppress, self.begin_suppress, self.ids,
+                                          self.run_length), device) if self.run_length > 1 else None
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +120,21 @@ class DraftModel:
         cache.advance(rows, n)
         return out[:, :, :n].cpu()
 
+    def run(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int]) -> torch.Tensor:
+        """``run_length`` greedy steps in one call over the contiguous block ``rows``, one token per row in:
+        (2, batch, run_length, 2) on the host, as ``choices`` gives for one step each, where step ``i + 1`` was
+        fed step ``i``'s best token. No begin rules (greedy steps never open a round). Each row's cache grows by
+        ``run_length``: slot ``start + i`` holds the K/V of the token fed at step ``i``, so a caller that keeps
+        ``j`` of the run's tokens keeps exactly the slots a step-by-step draft would have written."""
+        if self._runs is None:
+            raise RuntimeError("runs of draft steps need the draft's steps as graphs (SpecConfig.draft_run > 1)")
+        if max(cache.lengths(rows)) + self.run_length > cache.capacity:
+            raise ValueError(f"a run of {self.run_length} draft steps exceeds {cache.capacity} positions")
+        inputs, state = block_step(tokens, cache, rows, None, None, self.device)
+        out = self._runs(inputs, state)
+        cache.advance(rows, self.run_length)
+        return out.cpu()
+
     def warm(self, cache: DecoderCache, rows: int = 1, reserve: int = 1) -> None:
         """Capture the step graphs now, on ``cache`` (the drafter's), for one row and for ``rows`` rows at every
         bucketed width (``step_graphs.WIDTHS``); the cache is first grown to ``reserve`` rows (with the tree's
@@ -130,6 +151,10 @@ class DraftModel:
                 for width in WIDTHS:
                     tokens = torch.zeros(batch, width, dtype=torch.long, device=self.device)
                     self.choices(tokens, cache, claimed, None, None, {})
+                    for row in claimed:
+                        cache.set_length(row, 0)
+                if self._runs is not None:
+                    self.run(torch.zeros(batch, 1, dtype=torch.long, device=self.device), cache, claimed)
                     for row in claimed:
                         cache.set_length(row, 0)
             finally:
@@ -192,6 +217,30 @@ class _DraftStep(nn.Module):
         view = view_type(list(kv[:n]), list(kv[n : 2 * n]), list(kv[2 * n : 3 * n]), list(kv[3 * n :]))
         logits = self.model.run_decoder(tokens, step, view, self.head)
         return _choose(logits, self.suppress, self.begin_suppress, at_begin, self.ids)
+
+
+class _DraftRun(_DraftStep):
+    """``steps`` greedy draft steps as one module over a ``FixedView``: step ``i`` feeds step ``i - 1``'s best
+    token at the next position and slot, so a captured graph of it drafts ``steps`` tokens in one replay.
+    Its inputs are one step's (``whisper.block_step`` of one token per row, a chain); the outputs of every
+    step are stacked along the token axis: (2, batch, steps, 2)."""
+
+    def __init__(self, model: Whisper, head: nn.Module, suppress: torch.Tensor, begin_suppress: torch.Tensor,
+                 ids: torch.Tensor, steps: int):
+        super().__init__(model, head, suppress, begin_suppress, ids)
+        self.steps = steps
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                audio_mask: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        span = kv[0].shape[2]
+        slot = torch.arange(span, device=positions.device)
+        at_begin = torch.zeros_like(tokens, dtype=torch.bool)
+        outs = []
+        for i in range(self.steps):  # a chain: the token at position p sees the slots up to p (step_inputs' rule)
+            step = StepInputs(positions + i, slots + i, (slot <= (positions + i)[..., None])[:, None], audio_mask, span)
+            outs.append(self.run(step, tokens, at_begin, kv))
+            tokens = outs[-1][0, :, :, 0].long()  # the best id (exact as a float)
+        return torch.cat(outs, dim=2)
 
 
 class _RowStep(_DraftStep):

@@ -81,6 +81,7 @@ class _Round:
     alts: list[tuple[int, float]] = field(default_factory=list)  # second choice at each chain position
     recycled: int = 0
     next: Choice | None = None  # the draft's choices after the chain (None: not computed)
+    ahead: list[Choice] = field(default_factory=list)  # a run's choices after ``next``, already in the cache
     echo: int | None = None  # a target timestamp to propose before the chain (see ``_echo``)
 
 
@@ -313,10 +314,36 @@ class Drafter:
         return {row: [((int(i[0]), p[0]), (int(i[1]), p[1])) for i, p in zip(ids[b], probs[b])][: len(inputs[row].tokens)]
                 for b, row in enumerate(rows) if row in inputs}
 
-    def _count_step(self, rounds: list[_Round], parallel: set[Hashable] = frozenset()) -> None:
+    def _forward_run(self, rounds: list[_Round]) -> dict[int, list[Choice]]:
+        """A run of greedy draft steps (``DraftModel.run``) from each round's last chain token, over every live
+        row (rows without a round feed a dummy): per round's row, the choices after each step, ``run_length``
+        of them. As ``_forward``, each row's cache is left at its length before the call; the run's slots past
+        it hold the K/V of the tokens fed, the chain's last token first, for a caller that keeps them.
+
+        Where a run would pass the draft's position limit, or a round's row is not in one block of rows, it
+        falls back to a single step (a list of one choice)."""
+        rows = self._live_rows()
+        n = self.draft.run_length
+        starts = self.cache.lengths(rows)
+        if rows != list(range(rows[0], rows[0] + len(rows))) or max(starts) + n > self.cache.capacity:
+            return {row: choices[:1] for row, choices in
+                    self._forward({r.row: TreeRow.chain([r.chain[-1]]) for r in rounds}).items()}
+        feed = {r.row: r.chain[-1] for r in rounds}
+        tokens = torch.tensor([[feed.get(row, self._tok.eot)] for row in rows], device=self.device)
+        t0 = time.perf_counter()
+        host = self.draft.run(tokens, self.cache, rows)
+        self.costs.observe(draft_step=(time.perf_counter() - t0) / n)
+        for row, start in zip(rows, starts):
+            self.cache.set_length(row, start)
+        ids, probs = host.tolist()
+        return {row: [((int(i[0]), p[0]), (int(i[1]), p[1])) for i, p in zip(ids[b], probs[b])]
+                for b, row in enumerate(rows) if row in feed}
+
+    def _count_step(self, rounds: list[_Round], parallel: set[Hashable] = frozenset(), steps: int = 1) -> None:
+        """``steps`` draft steps for each round (a run counts every step it computed, used or not)."""
         for r in rounds:
             st = self.requests[r.key].stats
-            st.draft_steps += 1
+            st.draft_steps += steps
             st.draft_parallel_passes += r.key in parallel
 
     def _catch_up(self, rounds: list[_Round]) -> None:
@@ -398,12 +425,19 @@ class Drafter:
                 feeding.append(r)
             if not feeding:
                 return
-            choices = self._forward({r.row: TreeRow.chain([r.chain[-1]]) for r in feeding})
-            self._count_step(feeding)
+            if all(r.ahead for r in feeding):  # a run computed these steps already: their K/V are in the cache
+                for r in feeding:
+                    self.cache.advance([r.row], 1)
+                    r.next = r.ahead.pop(0)
+            else:
+                choices = self._forward_run(feeding) if self.draft.run_length > 1 else \
+                    self._forward({r.row: TreeRow.chain([r.chain[-1]]) for r in feeding})
+                self._count_step(feeding, steps=len(choices[feeding[0].row]))  # a run counts each step it computed
+                for r in feeding:
+                    self.cache.keep(r.row, self.cache.length(r.row), [0])
+                    r.next, *r.ahead = choices[r.row]
             for r in feeding:
-                self.cache.keep(r.row, self.cache.length(r.row), [0])
                 self.requests[r.key].cached.append(r.chain[-1])
-                r.next = choices[r.row][0]
             active = feeding
 
     def _branch(self, rounds: list[_Round]) -> dict[Hashable, list[tuple[int, list[int], list[float], int | None]]]:
