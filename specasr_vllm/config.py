@@ -128,8 +128,10 @@ class SpecConfig:
     draft_int8: bool = True  # dynamic int8 quantisation of the draft's linear layers (CPU)
     draft_vocab: int | None = 16384  # the draft's output layer covers only the first N ids (BPE's most frequent)
     # greedy draft steps per call where the draft's steps are CUDA graphs (DraftModel.run): one replay drafts
-    # this many tokens, the host reading them at once; steps past where the chain stops are wasted device work
-    draft_run: int = 8
+    # this many tokens, the host reading them at once; steps past where the chain stops are wasted device work.
+    # H200, 32 dev files at batch 1, SpecASR's decode against AR's: fp16 0.62x one step at a time, 0.76x in runs
+    # of 4, 0.71x of 8; fp32 0.92x, 0.90x, 0.80x (benchmarks/results/gpu-h200-draft-runs.*)
+    draft_run: int = 4
     fallback_after: int = 4  # passes before judging whether drafting pays for a request
     min_accept: float = 0.3  # accepted tokens per pass, beyond paying for the draft steps, that drafting must earn
     # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR; the
