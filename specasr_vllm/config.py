@@ -133,7 +133,9 @@ class SpecConfig:
     # of 4, 0.71x of 8; fp32 0.92x, 0.90x, 0.80x (benchmarks/results/gpu-h200-draft-runs.*)
     draft_run: int = 4
     fallback_after: int = 4  # passes before judging whether drafting pays for a request
-    min_accept: float = 0.3  # accepted tokens per pass, beyond paying for the draft steps, that drafting must earn
+    # how much faster than AR steps a request's speculative passes must emit tokens for it to keep drafting
+    # (Drafter.pays: measured whole passes against a measured AR step)
+    min_gain: float = 0.05
     # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR; the
     # vLLM proposer drafts nothing while more requests decode). On this 2-core CPU a target step for several
     # rows costs little more than for one, so verifying drafts for a batch costs more than it saves (compiled,

@@ -103,8 +103,38 @@ def test_fallback_to_ar_when_acceptance_collapses(pair_models):
     reference, out, stats = run_both(target, draft, SpecConfig(fallback_after=2), 2, 3)
     assert out == reference
     english, german = stats  # rows run with languages en, de
-    assert english.fallback.startswith("low acceptance") and english.target_passes > 2
+    assert english.fallback.startswith("drafting does not pay") and english.target_passes > 2
     assert german.fallback == "draft does not serve this language" and german.drafted_tokens == 0
+
+
+@pytest.mark.parametrize("pass_ms,pays", [(12, True), (40, False)])
+def test_drafting_stops_when_its_passes_emit_slower_than_ar_steps(pair_models, pass_ms, pays):
+    """The measured rule (``Drafter.pays``): 4 tokens per pass (3 drafted and accepted, the target's own) against
+    a 10 ms AR step pay at 12 ms a pass (40 ms of AR's work) and do not at 40 ms (with ``min_gain``); an AR step
+    is learnt from passes that proposed nothing, at batch widths that draft."""
+    target, draft = pair_models["same"]
+    drafter = Drafter.build(draft, target.tokenizer, SpecConfig(adaptive=False, k=3, recycling=False, fallback_after=3,
+                                                                draft_vocab=None))
+    torch.manual_seed(0)
+    for key in ("r", "s"):
+        drafter.start(key, "en", mel=torch.randn(80, 3000))
+    drafter.feedback({"r": [400], "s": [400]}, pass_seconds=0.5)  # two rows: wider than max_batch, not an AR step
+    assert drafter.costs.ar_step is None
+    drafter.release(["s"])
+    drafter.feedback({"r": [401]}, pass_seconds=0.010)  # a pass that proposed nothing: an AR step
+    assert drafter.costs.ar_step == pytest.approx(0.010)
+    out = [400, 401]
+    for _ in range(3):
+        tree = drafter.propose({"r": out}, {"r": 20})["r"]
+        assert len(tree) == 3
+        emitted = [tree.tokens[i] for i in range(3)] + [402]  # the chain, all accepted, then the target's token
+        out += emitted
+        drafter.feedback({"r": emitted}, seconds=pass_ms / 2000, pass_seconds=pass_ms / 1000)
+    assert len(drafter.propose({"r": out}, {"r": 20})["r"]) == (3 if pays else 0)  # judged after 3 passes
+    stats = drafter.release(["r"])["r"]
+    assert (stats.fallback is None) == pays and stats.accepted_tokens == 9
+    if not pays:
+        assert stats.fallback == "drafting does not pay (4.00 tokens per pass)"
 
 
 def test_feedback_off_the_proposed_tree_is_logged_not_fatal(pair_models, caplog):

@@ -236,3 +236,14 @@ def test_one_slow_call_moves_the_measured_costs_only_so_far():
         costs.observe(draft_step=0.0014)
     assert abs(costs.draft_step - 0.0014) < 0.0002
     assert costs.verify == pytest.approx(0.013)
+
+
+def test_the_ar_step_is_unknown_until_measured_then_averaged():
+    from specasr_vllm.speculation.adaptive import Costs
+
+    costs = Costs()
+    assert costs.ar_step is None
+    costs.observe(ar_step=0.007)
+    assert costs.ar_step == pytest.approx(0.007)  # the first measurement, not a prior
+    costs.observe(ar_step=1.0)  # a pause: at most OUTLIER times the estimate moves it
+    assert costs.ar_step == pytest.approx(0.9 * 0.007 + 0.1 * Costs.OUTLIER * 0.007)

@@ -182,6 +182,7 @@ def test_specasr_through_step_graphs_emits_eager_ar_tokens_on_dev_files(base, ti
     assert target.model.eager_calls == 0 and any(n >= 8 for _, n in target.model.calls)
     assert spec.drafter.draft.graphs.calls > 0
     assert (len(target.model.graphs), len(spec.drafter.draft.graphs)) == graphs  # nothing new to capture
+    assert spec.drafter.costs.ar_step > 0  # timed at warm-up: what each request's passes are weighed against
 
 
 def test_widths_are_bucketed_to_powers_of_two_where_the_cache_has_room(pair):

@@ -4,6 +4,7 @@ the reference output every speculative method must reproduce token for token.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -43,15 +44,17 @@ def decode_ar(asr: ASRModel, rules: WhisperRules, audio_features: torch.Tensor, 
 
 def ar_steps(asr: ASRModel, rules: WhisperRules, batch: BatchRows, outputs: list[Decoded], limit: list[int],
              timestamps: bool = False, sampling: Sampling | None = None, logits: torch.Tensor | None = None,
-             emitted: Callable[[dict[int, int]], None] | None = None) -> None:
+             emitted: Callable[[dict[int, int], float], None] | None = None) -> None:
     """AR steps for the rows of ``batch`` until each ends: ``outputs[i]`` grows by one token a step and stops at
     end-of-text or ``limit[i]`` tokens. ``logits`` (one row per active request) are the target's at each row's
     next position, right after the prefill (the first pick); without them each row's newest token is fed first
-    (speculative decoding hands over here once no row drafts). ``emitted`` hears each step's tokens per request.
+    (speculative decoding hands over here once no row drafts). ``emitted`` hears each step's tokens per request
+    and the step's seconds.
     """
     model = asr.model
     first = logits is not None
     while batch.active:
+        began = time.perf_counter()
         if logits is None:
             step = torch.tensor([[outputs[i].tokens[-1]] for i in batch.active], device=model.device)
             logits = model.decode(step, batch.cache, batch.rows)[:, -1]
@@ -67,5 +70,5 @@ def ar_steps(asr: ASRModel, rules: WhisperRules, batch: BatchRows, outputs: list
             if tok != rules.eot and len(outputs[i].tokens) < limit[i]:
                 keep.append(pos)
         if emitted is not None:
-            emitted(dict(zip(batch.active, tokens)))
+            emitted(dict(zip(batch.active, tokens)), time.perf_counter() - began)
         batch.keep(keep)

@@ -64,8 +64,10 @@ def decode_speculative(
             active = batch.active
             if not any(drafter.drafting(keys[i]) for i in active):  # every row runs as AR now: at AR's cost
                 ar_steps(asr, rules, batch, outputs, limit, timestamps, sampling,
-                         emitted=lambda tokens: drafter.feedback({keys[i]: [t] for i, t in tokens.items()}))
+                         emitted=lambda tokens, seconds: drafter.feedback({keys[i]: [t] for i, t in tokens.items()},
+                                                                          pass_seconds=seconds))
                 break
+            began = time.perf_counter()  # the whole pass, for the drafter's judgement of whether drafting pays
             trees = drafter.propose({keys[i]: outputs[i].tokens for i in active},
                                     {keys[i]: limit[i] - len(outputs[i].tokens) - 1 for i in active})
             tree_rows = [trees[keys[i]].verification_row(last[i]) for i in active]
@@ -104,7 +106,7 @@ def decode_speculative(
                 outputs[i].extend(new, [next(logprobs) for _ in row_inputs], rules.eot)
                 outputs[i].passes += 1
                 last[i] = new[-1]
-            drafter.feedback(emitted, seconds)
+            drafter.feedback(emitted, seconds, time.perf_counter() - began)
             _keep_unfinished(batch, drafter, keys, outputs, last, limit, rules.eot)
     return outputs
 

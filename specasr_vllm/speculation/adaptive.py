@@ -18,7 +18,8 @@ BUCKETS = 10
 
 @dataclass
 class Costs:
-    """Measured seconds of a draft step and of a target verification pass (moving averages).
+    """Measured seconds of a draft step, of a target verification pass and of one AR step per row, a target step
+    that verified nothing, as the host runs it (moving averages; ``ar_step`` is None until one is measured).
 
     One slow call (a first call that traces or compiles a graph, a pause of the machine) counts as at most
     ``OUTLIER`` times the current estimate: unclamped, a 0.5 s trace once moved the draft step's estimate
@@ -27,13 +28,18 @@ class Costs:
 
     draft_step: float = 0.01
     verify: float = 0.05
+    ar_step: float | None = None
     OUTLIER = 4.0
 
-    def observe(self, draft_step: float | None = None, verify: float | None = None) -> None:
+    def observe(self, draft_step: float | None = None, verify: float | None = None,
+                ar_step: float | None = None) -> None:
         if draft_step is not None:
             self.draft_step = 0.9 * self.draft_step + 0.1 * min(draft_step, self.OUTLIER * self.draft_step)
         if verify is not None:
             self.verify = 0.9 * self.verify + 0.1 * min(verify, self.OUTLIER * self.verify)
+        if ar_step is not None:
+            self.ar_step = ar_step if self.ar_step is None else \
+                0.9 * self.ar_step + 0.1 * min(ar_step, self.OUTLIER * self.ar_step)
 
 
 class FixedLength:

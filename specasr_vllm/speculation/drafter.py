@@ -59,8 +59,9 @@ class _Request:
     echo_node: int | None = None  # the last tree's repeated timestamp, if it has one
     last_tree: DraftTree | None = None  # what the last ``propose`` sent, awaiting ``feedback``
     text: TextSoFar = field(default_factory=TextSoFar)  # the bridge's reading of the target's output so far
-    passes: int = 0
-    accepted: int = 0
+    passes: int = 0  # passes that verified a proposal while the request drafted (judged by ``pays``)
+    tokens: int = 0  # what those passes emitted
+    spent: float = 0.0  # their measured seconds, this request's share (0: not reported by the host)
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -505,15 +506,23 @@ class Drafter:
         return tree
 
     # ---- feedback ----------------------------------------------------------------------------------
-    def feedback(self, emitted: dict[Hashable, list[int]], seconds: float | None = None) -> None:
-        """What one target pass emitted for each request (accepted draft tokens, then the target's own),
-        and what the pass cost (``None``: unknown, e.g. a pass that verified no draft).
+    def feedback(self, emitted: dict[Hashable, list[int]], seconds: float | None = None,
+                 pass_seconds: float | None = None) -> None:
+        """What one target pass emitted for each request (accepted draft tokens, then the target's own), what
+        its verification cost (``seconds``; ``None``: unknown, e.g. a pass that verified no draft) and what the
+        whole pass cost (``pass_seconds``: proposing, verifying and the host's bookkeeping, from the start of
+        one pass to the start of the next).
 
-        Updates statistics, calibrates the stopping rule, prices verification for it, and decides
-        whether drafting still pays for each request (else the request continues as AR).
+        Updates statistics, calibrates the stopping rule, prices verification for it, learns what an AR step
+        costs (a pass that proposed nothing for any request is one) and decides whether drafting still pays
+        for each request (``pays``; else the request continues as AR).
         """
         if seconds is not None:
             self.costs.observe(verify=seconds)
+        share = None if pass_seconds is None or not emitted else pass_seconds / len(emitted)
+        if share is not None and len(emitted) <= self.config.max_batch and \
+                all(self.requests[key].last_tree is None for key in emitted):  # an AR step, as wide as drafting's
+            self.costs.observe(ar_step=share)
         stop = []
         for key, tokens in emitted.items():
             req = self.requests[key]
@@ -521,7 +530,7 @@ class Drafter:
             st.target_passes += 1
             st.output_tokens += sum(t != self._target_eot for t in tokens)  # text and timestamps, not the end
             tree, req.last_tree = req.last_tree, None
-            if tree is None:  # nothing was proposed for this pass (a prefill, or a host that skipped drafting)
+            if tree is None:  # nothing was proposed for this pass (a prefill, an AR step, a host that skipped drafting)
                 continue
             try:
                 acceptance = accepted_path(tree, tokens)
@@ -540,11 +549,22 @@ class Drafter:
             if not req.enabled:
                 continue
             req.passes += 1
-            req.accepted += len(acceptance.nodes)
-            # drafting pays while accepted tokens save more target passes than the draft steps cost
-            paid = st.draft_steps * self.costs.draft_step / self.costs.verify + self.config.min_accept * req.passes
-            if req.passes >= self.config.fallback_after and req.accepted < paid:
+            req.tokens += len(tokens)
+            req.spent += share or 0.0
+            if req.passes >= self.config.fallback_after and not self.pays(req):
                 req.enabled = False
-                st.fallback = f"low acceptance ({req.accepted / req.passes:.2f} tokens per pass)"
+                st.fallback = f"drafting does not pay ({req.tokens / req.passes:.2f} tokens per pass)"
                 stop.append(key)
         self._stop_drafting(stop)
+
+    def pays(self, req: _Request) -> bool:
+        """Whether drafting pays for ``req``: its speculative passes emit tokens faster than AR steps would,
+        by ``min_gain``. Measured where the host reports whole passes and an AR step has been timed (the
+        embedded engine times one before it first drafts). Else modelled: each pass a verification and its
+        draft steps, an AR step a verification, which misses the host's own work per pass and prices the AR
+        step high, so it judges for drafting."""
+        c = self.costs
+        if c.ar_step is not None and req.spent:
+            return req.tokens * c.ar_step >= req.spent * (1 + self.config.min_gain)
+        return req.tokens * c.verify >= (req.passes * c.verify + req.stats.draft_steps * c.draft_step) * (
+            1 + self.config.min_gain)

@@ -60,6 +60,8 @@ class SpecASRProposer:
         self.scheduler_output: Any = None
         self._prompt_len: dict[str, int] = {}
         self._step_done = 0.0
+        self._step_started = 0.0
+        self._last_ids: set[str] = set()  # the requests of the last call
         self._drafted = False  # whether the last call proposed anything
         self.totals = SpecStats()  # over finished requests
         self.draft_lengths: Counter = Counter()  # tokens proposed per (request, step), zero included
@@ -89,9 +91,12 @@ class SpecASRProposer:
         self._start(new)
         if len(req_ids) > self.settings.max_batch:  # arrived beside others: plain vLLM even once it is alone
             self.drafter.decline(new, f"arrived while more than max_batch={self.settings.max_batch} requests decoded")
-        # what the last step emitted per request; the time since the last proposal went into verifying it
+        # what the last step emitted per request; the time since the last proposal went into verifying it, and
+        # since the last call began into the whole pass (unless the step also prefilled or dropped requests)
         emitted = {rid: sampled for rid, sampled in zip(req_ids, sampled_token_ids) if sampled}
-        self.drafter.feedback(emitted, started - self._step_done if self._drafted else None)
+        whole = started - self._step_started if not new and self._last_ids == set(req_ids) else None
+        self._step_started, self._last_ids = started, set(req_ids)
+        self.drafter.feedback(emitted, started - self._step_done if self._drafted else None, whole)
         outputs, budgets = {}, {}
         for row, rid in enumerate(req_ids):
             sampled = sampled_token_ids[row]
