@@ -132,10 +132,17 @@ class SpecConfig:
     # H200, 32 dev files at batch 1, SpecASR's decode against AR's: fp16 0.62x one step at a time, 0.76x in runs
     # of 4, 0.71x of 8; fp32 0.92x, 0.90x, 0.80x (benchmarks/results/gpu-h200-draft-runs.*)
     draft_run: int = 4
-    fallback_after: int = 4  # passes before judging whether drafting pays for a request
-    # how much faster than AR steps a request's speculative passes must emit tokens for it to keep drafting
-    # (Drafter.pays: measured whole passes against a measured AR step)
-    min_gain: float = 0.05
+    fallback_after: int = 4  # passes before judging whether drafting pays for a request (Drafter.pays)
+    # measured: a request stops drafting once its whole speculative passes emit tokens this much slower than AR
+    # steps would. Its first passes are its worst (an interleaved CPU run, 32 dev files, with 0.05 in favour of
+    # AR instead: 9 files stopped at 3.75-5.75 tokens a pass, 8 of them faster drafting to the end)
+    max_loss: float = 0.1
+    # modelled, where no AR step was timed: accepted tokens per pass, beyond paying for the draft steps in
+    # verification passes, that drafting must earn (the host's own work per pass is not in the model)
+    min_accept: float = 0.3
+    # where drafting has not paid over the recent requests' measured passes (by max_loss), only every
+    # probe_every-th new request drafts, to notice when it pays again; the others decode as AR from the start
+    probe_every: int = 16
     # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR; the
     # vLLM proposer drafts nothing while more requests decode). On this 2-core CPU a target step for several
     # rows costs little more than for one, so verifying drafts for a batch costs more than it saves (compiled,

@@ -107,10 +107,10 @@ def test_fallback_to_ar_when_acceptance_collapses(pair_models):
     assert german.fallback == "draft does not serve this language" and german.drafted_tokens == 0
 
 
-@pytest.mark.parametrize("pass_ms,pays", [(12, True), (40, False)])
+@pytest.mark.parametrize("pass_ms,pays", [(12, True), (50, False)])
 def test_drafting_stops_when_its_passes_emit_slower_than_ar_steps(pair_models, pass_ms, pays):
     """The measured rule (``Drafter.pays``): 4 tokens per pass (3 drafted and accepted, the target's own) against
-    a 10 ms AR step pay at 12 ms a pass (40 ms of AR's work) and do not at 40 ms (with ``min_gain``); an AR step
+    a 10 ms AR step pay at 12 ms a pass (40 ms of AR's work) and do not at 50 ms (with ``max_loss``); an AR step
     is learnt from passes that proposed nothing, at batch widths that draft."""
     target, draft = pair_models["same"]
     drafter = Drafter.build(draft, target.tokenizer, SpecConfig(adaptive=False, k=3, recycling=False, fallback_after=3,
@@ -135,6 +135,35 @@ def test_drafting_stops_when_its_passes_emit_slower_than_ar_steps(pair_models, p
     assert (stats.fallback is None) == pays and stats.accepted_tokens == 9
     if not pays:
         assert stats.fallback == "drafting does not pay (4.00 tokens per pass)"
+
+
+def test_where_drafting_has_not_paid_lately_only_probes_draft(pair_models):
+    """24 measured passes at 50 ms for 4 tokens against a 10 ms AR step: new requests decode as AR from the
+    start (no draft encoder, no proposal) except every ``probe_every``-th; passes that pay turn it back."""
+    target, draft = pair_models["same"]
+    drafter = Drafter.build(draft, target.tokenizer, SpecConfig(adaptive=False, k=3, recycling=False,
+                                                                fallback_after=10**6, probe_every=3, draft_vocab=None))
+    torch.manual_seed(0)
+    drafter.costs.observe(ar_step=0.010)
+
+    def passes(key: str, n: int, pass_ms: float) -> None:
+        out = [400]
+        drafter.feedback({key: out[:]})
+        for _ in range(n):
+            tree = drafter.propose({key: out}, {key: 20})[key]
+            emitted = [tree.tokens[i] for i in range(len(tree))] + [402]
+            out += emitted
+            drafter.feedback({key: emitted}, pass_seconds=pass_ms / 1000)
+
+    assert drafter.start("slow", "en", mel=torch.randn(80, 3000)) and drafter.paid_lately()
+    passes("slow", 24, 50)
+    assert not drafter.paid_lately()
+    started = [drafter.start(f"r{i}", "en", mel=torch.randn(80, 3000)) for i in range(6)]
+    assert started == [False, False, True, False, False, True]
+    assert drafter.stats("r0").fallback == "drafting has not paid lately"
+    assert drafter.propose({"r0": [400]}, {"r0": 20})["r0"].tokens == [] and drafter.requests["r0"].row is None
+    passes("r2", 40, 5)  # a probe whose passes pay
+    assert drafter.paid_lately() and drafter.start("again", "en", mel=torch.randn(80, 3000))
 
 
 def test_feedback_off_the_proposed_tree_is_logged_not_fatal(pair_models, caplog):

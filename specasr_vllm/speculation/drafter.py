@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _MARGIN = 128  # draft positions kept free for one round's drafting (chain, candidates, branches)
 _RECYCLE_LEN = 12  # longest recycled remainder re-checked
+_RECENT = 64  # measured passes the engine-wide judgement of drafting remembers (``paid_lately``)
 
 Choice = tuple[tuple[int, float], tuple[int, float]]  # the draft's (token, probability) first and second choice
 
@@ -106,6 +107,8 @@ class Drafter:
         self.requests: dict[Hashable, _Request] = {}
         self.cache = draft.empty_cache(1)
         self._rounds: list[_Round] = []  # the last proposal, which ``run_ahead`` extends
+        self._recent = [0.0, 0.0, 0.0]  # decayed tokens, seconds and passes of measured speculative passes
+        self._since_probe = 0  # requests started without drafting since the last one that drafted
 
     @classmethod
     def build(cls, draft: ASRModel, target_tokenizer: WhisperTokenizer, config: SpecConfig,
@@ -144,6 +147,13 @@ class Drafter:
         if not req.enabled:
             req.stats.fallback = "draft does not serve this language"
             return False
+        if not self.paid_lately():  # decode as AR, unless it is time to look again
+            self._since_probe += 1
+            if self._since_probe < self.config.probe_every:
+                req.enabled = False
+                req.stats.fallback = "drafting has not paid lately"
+                return False
+        self._since_probe = 0
         req.mel = draft_features(self.draft.asr.n_mels, mel, audio, self.config.draft_unpadded)
         return True
 
@@ -550,7 +560,9 @@ class Drafter:
                 continue
             req.passes += 1
             req.tokens += len(tokens)
-            req.spent += share or 0.0
+            if share is not None:
+                req.spent += share
+                self._recent = [x * (1 - 1 / _RECENT) + y for x, y in zip(self._recent, (len(tokens), share, 1))]
             if req.passes >= self.config.fallback_after and not self.pays(req):
                 req.enabled = False
                 st.fallback = f"drafting does not pay ({req.tokens / req.passes:.2f} tokens per pass)"
@@ -558,13 +570,20 @@ class Drafter:
         self._stop_drafting(stop)
 
     def pays(self, req: _Request) -> bool:
-        """Whether drafting pays for ``req``: its speculative passes emit tokens faster than AR steps would,
-        by ``min_gain``. Measured where the host reports whole passes and an AR step has been timed (the
-        embedded engine times one before it first drafts). Else modelled: each pass a verification and its
-        draft steps, an AR step a verification, which misses the host's own work per pass and prices the AR
-        step high, so it judges for drafting."""
+        """Whether drafting pays for ``req``. Measured where the host reports whole passes and an AR step has
+        been timed (the embedded engine times one before it first drafts): its passes emit tokens no more than
+        ``max_loss`` slower than AR steps would. Else modelled: its accepted tokens must pay for its draft steps,
+        priced in verification passes, and earn ``min_accept`` a pass more."""
         c = self.costs
         if c.ar_step is not None and req.spent:
-            return req.tokens * c.ar_step >= req.spent * (1 + self.config.min_gain)
-        return req.tokens * c.verify >= (req.passes * c.verify + req.stats.draft_steps * c.draft_step) * (
-            1 + self.config.min_gain)
+            return req.tokens * c.ar_step >= req.spent * (1 - self.config.max_loss)
+        accepted = req.tokens - req.passes  # each pass also emits the target's own token
+        return accepted >= req.stats.draft_steps * c.draft_step / c.verify + self.config.min_accept * req.passes
+
+    def paid_lately(self) -> bool:
+        """Whether the recent requests' measured passes (decayed over about ``_RECENT`` passes) emitted tokens
+        no more than ``max_loss`` slower than AR steps; True until there are ``_RECENT / 4`` passes to judge."""
+        tokens, spent, passes = self._recent
+        if passes < _RECENT / 4 or self.costs.ar_step is None:
+            return True
+        return tokens * self.costs.ar_step >= spent * (1 - self.config.max_loss)
