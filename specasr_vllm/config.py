@@ -132,10 +132,13 @@ class SpecConfig:
     # H200, 32 dev files at batch 1, SpecASR's decode against AR's: fp16 0.62x one step at a time, 0.76x in runs
     # of 4, 0.71x of 8; fp32 0.92x, 0.90x, 0.80x (benchmarks/results/gpu-h200-draft-runs.*)
     draft_run: int = 4
-    fallback_after: int = 4  # passes before judging whether drafting pays for a request (Drafter.pays)
+    # passes before judging whether drafting pays for a request (Drafter.pays). A request's first passes are its
+    # worst: in interleaved CPU runs on 32 dev files, judged after 4 passes, 9 files stopped drafting at 3.75-5.75
+    # tokens a pass (max_loss -0.05), of which 8 were faster drafting to the end; with max_loss 0.1, 2 files
+    # (2.83 and 1.25 tokens a pass), 1.37x and 0.99x of AR drafting to the end, 0.94x and 0.84x stopped
+    fallback_after: int = 8
     # measured: a request stops drafting once its whole speculative passes emit tokens this much slower than AR
-    # steps would. Its first passes are its worst (an interleaved CPU run, 32 dev files, with 0.05 in favour of
-    # AR instead: 9 files stopped at 3.75-5.75 tokens a pass, 8 of them faster drafting to the end)
+    # steps would
     max_loss: float = 0.1
     # modelled, where no AR step was timed: accepted tokens per pass, beyond paying for the draft steps in
     # verification passes, that drafting must earn (the host's own work per pass is not in the model)
@@ -178,7 +181,11 @@ class EngineConfig:
     # s the first time in a process. False (``--eager``, or SPECASR_EAGER=1) runs the eager modules: for
     # debugging, and for tests, where compiling every engine would cost more than it saves.
     compile: bool = field(default_factory=compile_by_default)
-    spec: SpecConfig = field(default_factory=SpecConfig)
+    spec: SpecConfig = None  # type: ignore[assignment]  # None: the method's preset, SpecConfig.for_method(method)
+
+    def __post_init__(self) -> None:
+        if self.spec is None:  # EngineConfig(method="sd") drafts a fixed length, as `--method sd` does
+            self.spec = SpecConfig.for_method(self.method)
 
 
 @dataclass

@@ -247,3 +247,11 @@ def test_the_ar_step_is_unknown_until_measured_then_averaged():
     assert costs.ar_step == pytest.approx(0.007)  # the first measurement, not a prior
     costs.observe(ar_step=1.0)  # a pause: at most OUTLIER times the estimate moves it
     assert costs.ar_step == pytest.approx(0.9 * 0.007 + 0.1 * Costs.OUTLIER * 0.007)
+
+
+def test_an_engine_config_takes_its_methods_preset():
+    from specasr_vllm.config import EngineConfig, SpecConfig
+
+    assert EngineConfig(method="sd").spec == SpecConfig.for_method("sd") and not EngineConfig(method="sd").spec.adaptive
+    assert EngineConfig(method="specasr").spec == SpecConfig()
+    assert EngineConfig(method="sd", spec=SpecConfig(k=3)).spec.k == 3  # a given one is kept

@@ -149,7 +149,7 @@ def test_runs_of_draft_steps_propose_what_single_steps_propose(base, tiny_en, ma
     stats = {}
     for run in (1, 3):
         engine = Transcriber(EngineConfig(method="sd", batch_size=1, compile=False), target=target)
-        config = dataclasses.replace(engine.config.spec, k=7, draft_run=run, fallback_after=10**6)
+        config = SpecConfig.for_method("sd", k=7, draft_run=run, fallback_after=10**6)  # lengths fixed, not timed
         engine.drafter = Drafter(DraftModel(tiny_en, config, graphs=True),
                                  make_bridge(base.tokenizer, tiny_en.tokenizer), config, base.tokenizer.eot,
                                  base.tokenizer.timestamp_begin)
