@@ -51,6 +51,10 @@ def alone(model, draft: DraftModel | None, reps: int) -> dict[str, float]:
             inputs, state = block_step(tokens, cache, [0], None, None, model.device)
             out[f"{name}_replay"] = _median_ms(lambda i=inputs, s=state: model.graphs(i, s), reps, sync=sync)
     if draft is not None:
+        # the draft's encoder reads the audio's own frames: a first call at a new length against a repeated one
+        frames = iter(range(1000, 3000, 2))
+        out["draft_encoder_new_length"] = _median_ms(lambda: draft.encode(mel[:, :, : next(frames)]), reps, sync=sync)
+        out["draft_encoder_same_length"] = _median_ms(lambda: draft.encode(mel[:, :, :1000]), reps, sync=sync)
         dcache = draft.empty_cache(1)
         dcache.claim(*draft.cross_kv(draft.encode(mel)))
         draft.decode(torch.randint(0, 16000, (1, CONTEXT)), dcache, [0])

@@ -126,6 +126,7 @@ class SpecConfig:
     min_chain: int = 2  # with concurrent drafting: sequential draft steps only top a chain up to this
     draft_unpadded: bool = True  # the draft's encoder sees the audio, not the padded 30 s window
     draft_int8: bool = True  # dynamic int8 quantisation of the draft's linear layers (CPU)
+    draft_bf16_encoder: bool = True  # the draft's encoder in bfloat16 on a CPU that has it natively (DraftModel)
     draft_vocab: int | None = 16384  # the draft's output layer covers only the first N ids (BPE's most frequent)
     # greedy draft steps per call where the draft's steps are CUDA graphs (DraftModel.run): one replay drafts
     # this many tokens, the host reading them at once; steps past where the chain stops are wasted device work.

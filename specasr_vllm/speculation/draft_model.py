@@ -5,7 +5,9 @@ faster keeps the output exact and only changes how often drafts are accepted:
   are ordered by merge frequency, so the first 16k cover nearly all running text), which removes most
   of the 51k-way projection that dominates a small decoder's step;
 - dynamic int8 quantisation of the decoder's linear layers (and that output layer) on CPU;
-- the encoder may run on the unpadded audio (see ``encode``), and compiled;
+- the encoder may run on the unpadded audio (see ``encode``), and compiled, and on a CPU with native
+  bfloat16 (AVX512-BF16 or AMX) in bfloat16: tiny.en over 12 s of audio, 2 threads, compiled 36.7 -> 26.7 ms,
+  eager 59.5 -> 29.0 ms, its features within 1% of fp32's (what the draft proposes may change, never the output);
 - with ``compile``, every one-row call (greedy steps and the catch-up pass that opens each round) runs as
   one frozen TorchScript graph on a CPU, over only the cache slots and audio frames the row holds:
   inductor does not compile int8 dynamic-quantised linears into a graph, and in eager mode the step
@@ -20,6 +22,7 @@ faster keeps the output exact and only changes how often drafts are accepted:
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -45,7 +48,10 @@ class DraftModel:
         self.model = asr.model
         on_cpu = asr.model.device.type == "cpu"
         graphs = compile and not on_cpu if graphs is None else graphs
-        self._encoder = CompiledWhisper(asr.model) if compile and on_cpu else asr.model  # eager on a GPU
+        encoder = asr.model
+        if on_cpu and config.draft_bf16_encoder and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            encoder = Whisper(asr.model.dims, encoder=_Bfloat16(asr.model.encoder), decoder=asr.model.decoder)
+        self._encoder = CompiledWhisper(encoder) if compile and on_cpu else encoder  # eager on a GPU
         tok = asr.tokenizer
         vocab = self.model.dims.vocab_size
         weight = self.model.decoder.embed_tokens.weight
@@ -179,6 +185,18 @@ class DraftModel:
         cache.advance([row], tokens.shape[1])
         self.graph_calls += 1
         return out.cpu()
+
+
+class _Bfloat16(nn.Module):
+    """A bfloat16 copy of an encoder behind its float interface: float features in, float states out."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder).to(torch.bfloat16)
+        self.dtype = next(encoder.parameters()).dtype
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.encoder(mel.to(torch.bfloat16)).to(self.dtype)
 
 
 def _log_probs(logits: torch.Tensor, suppress: torch.Tensor) -> torch.Tensor:
