@@ -144,9 +144,9 @@ class SpecConfig:
     # modelled, where no AR step was timed: accepted tokens per pass, beyond paying for the draft steps in
     # verification passes, that drafting must earn (the host's own work per pass is not in the model)
     min_accept: float = 0.3
-    # where drafting has not paid over the recent requests' measured passes (by max_loss), only every
-    # probe_every-th new request drafts, to notice when it pays again; the others decode as AR from the start
-    probe_every: int = 16
+    # where drafting paid (by max_loss, measured) for none of the last 4 requests judged, only every probe_every-th
+    # new request drafts, to notice when it pays again; the others decode as AR from the start (Drafter.paid_lately)
+    probe_every: int = 8
     # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR; the
     # vLLM proposer drafts nothing while more requests decode). On this 2-core CPU a target step for several
     # rows costs little more than for one, so verifying drafts for a batch costs more than it saves (compiled,

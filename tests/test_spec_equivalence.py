@@ -138,15 +138,18 @@ def test_drafting_stops_when_its_passes_emit_slower_than_ar_steps(pair_models, p
 
 
 def test_where_drafting_has_not_paid_lately_only_probes_draft(pair_models):
-    """24 measured passes at 50 ms for 4 tokens against a 10 ms AR step: new requests decode as AR from the
-    start (no draft encoder, no proposal) except every ``probe_every``-th; passes that pay turn it back."""
+    """Requests at 50 ms a pass for 4 tokens against a 10 ms AR step: once drafting paid for none of the last 4
+    judged (three ended drafting, one fell back), new requests decode as AR from the start (no draft encoder,
+    no proposal) except every ``probe_every``-th; a probe for which it pays turns drafting back on."""
     target, draft = pair_models["same"]
     drafter = Drafter.build(draft, target.tokenizer, SpecConfig(adaptive=False, k=3, recycling=False,
-                                                                fallback_after=10**6, probe_every=3, draft_vocab=None))
+                                                                fallback_after=4, probe_every=3, draft_vocab=None))
     torch.manual_seed(0)
     drafter.costs.observe(ar_step=0.010)
 
-    def passes(key: str, n: int, pass_ms: float) -> None:
+    def request(key: str, n: int, pass_ms: float) -> bool:
+        if not drafter.start(key, "en", mel=torch.randn(80, 3000)):
+            return False
         out = [400]
         drafter.feedback({key: out[:]})
         for _ in range(n):
@@ -154,16 +157,20 @@ def test_where_drafting_has_not_paid_lately_only_probes_draft(pair_models):
             emitted = [tree.tokens[i] for i in range(len(tree))] + [402]
             out += emitted
             drafter.feedback({key: emitted}, pass_seconds=pass_ms / 1000)
+        drafter.finish([key])
+        drafter.release([key])
+        return True
 
-    assert drafter.start("slow", "en", mel=torch.randn(80, 3000)) and drafter.paid_lately()
-    passes("slow", 24, 50)
+    assert [request(f"slow{i}", n, 50) for i, n in enumerate((2, 3, 6, 2))] == [True] * 4
     assert not drafter.paid_lately()
-    started = [drafter.start(f"r{i}", "en", mel=torch.randn(80, 3000)) for i in range(6)]
-    assert started == [False, False, True, False, False, True]
-    assert drafter.stats("r0").fallback == "drafting has not paid lately"
-    assert drafter.propose({"r0": [400]}, {"r0": 20})["r0"].tokens == [] and drafter.requests["r0"].row is None
-    passes("r2", 40, 5)  # a probe whose passes pay
-    assert drafter.paid_lately() and drafter.start("again", "en", mel=torch.randn(80, 3000))
+    assert [request(f"r{i}", 2, 50) for i in range(6)] == [False, False, True, False, False, True]
+    assert drafter.start("declined", "en", mel=torch.randn(80, 3000)) is False
+    assert drafter.stats("declined").fallback == "drafting has not paid lately"
+    assert drafter.propose({"declined": [400]}, {"declined": 20})["declined"].tokens == []
+    assert drafter.requests["declined"].row is None  # no draft encoder ran
+    assert not request("declined again", 3, 5)
+    assert request("probe", 3, 5)  # the third since the last probe; it pays
+    assert drafter.paid_lately() and request("again", 2, 50)
 
 
 def test_feedback_off_the_proposed_tree_is_logged_not_fatal(pair_models, caplog):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 _MARGIN = 128  # draft positions kept free for one round's drafting (chain, candidates, branches)
 _RECYCLE_LEN = 12  # longest recycled remainder re-checked
-_RECENT = 64  # measured passes the engine-wide judgement of drafting remembers (``paid_lately``)
+_RECENT = 4  # requests the engine-wide judgement of drafting remembers (``paid_lately``)
 
 Choice = tuple[tuple[int, float], tuple[int, float]]  # the draft's (token, probability) first and second choice
 
@@ -63,6 +64,7 @@ class _Request:
     passes: int = 0  # passes that verified a proposal while the request drafted (judged by ``pays``)
     tokens: int = 0  # what those passes emitted
     spent: float = 0.0  # their measured seconds, this request's share (0: not reported by the host)
+    judged: bool = False  # whether the engine-wide judgement has counted it (``paid_lately``)
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -107,7 +109,7 @@ class Drafter:
         self.requests: dict[Hashable, _Request] = {}
         self.cache = draft.empty_cache(1)
         self._rounds: list[_Round] = []  # the last proposal, which ``run_ahead`` extends
-        self._recent = [0.0, 0.0, 0.0]  # decayed tokens, seconds and passes of measured speculative passes
+        self._outcomes: deque[bool] = deque(maxlen=_RECENT)  # whether drafting paid, per recent judged request
         self._since_probe = 0  # requests started without drafting since the last one that drafted
 
     @classmethod
@@ -175,13 +177,21 @@ class Drafter:
         self._stop_drafting(keys)
 
     def finish(self, keys: list[Hashable]) -> None:
-        """Requests that will emit nothing more: free their draft state now (statistics stay until ``release``)."""
-        self._stop_drafting([k for k in keys if k in self.requests])
+        """Requests that will emit nothing more: free their draft state now (statistics stay until ``release``),
+        and remember whether drafting paid for them."""
+        self._end([k for k in keys if k in self.requests])
 
     def release(self, keys: list[Hashable]) -> dict[Hashable, SpecStats]:
         """Forget requests; returns each one's final statistics."""
-        self._stop_drafting([k for k in keys if k in self.requests])
+        self._end([k for k in keys if k in self.requests])
         return {key: self.requests.pop(key).stats for key in keys if key in self.requests}
+
+    def _end(self, keys: list[Hashable]) -> None:
+        for key in keys:
+            req = self.requests[key]
+            if req.enabled:
+                self._judged(req, self.pays(req))
+        self._stop_drafting(keys)
 
     def _stop_drafting(self, keys: list[Hashable]) -> None:
         """Free the draft cache rows of ``keys`` and move the remaining rows to the front."""
@@ -562,8 +572,8 @@ class Drafter:
             req.tokens += len(tokens)
             if share is not None:
                 req.spent += share
-                self._recent = [x * (1 - 1 / _RECENT) + y for x, y in zip(self._recent, (len(tokens), share, 1))]
             if req.passes >= self.config.fallback_after and not self.pays(req):
+                self._judged(req, False)
                 req.enabled = False
                 st.fallback = f"drafting does not pay ({req.tokens / req.passes:.2f} tokens per pass)"
                 stop.append(key)
@@ -581,9 +591,13 @@ class Drafter:
         return accepted >= req.stats.draft_steps * c.draft_step / c.verify + self.config.min_accept * req.passes
 
     def paid_lately(self) -> bool:
-        """Whether the recent requests' measured passes (decayed over about ``_RECENT`` passes) emitted tokens
-        no more than ``max_loss`` slower than AR steps; True until there are ``_RECENT / 4`` passes to judge."""
-        tokens, spent, passes = self._recent
-        if passes < _RECENT / 4 or self.costs.ar_step is None:
-            return True
-        return tokens * self.costs.ar_step >= spent * (1 - self.config.max_loss)
+        """False where drafting did not pay (``pays``, on measured time) for any of the last ``_RECENT`` requests
+        judged: a host where it never pays (a GPU with this pair) stops paying for drafting on every request,
+        and a burst of hard requests (a poem the draft cannot guess) is not enough to stop it."""
+        return len(self._outcomes) < _RECENT or any(self._outcomes)
+
+    def _judged(self, req: _Request, paid: bool) -> None:
+        """Remember once per request whether drafting paid for it, where that was measured."""
+        if req.spent and self.costs.ar_step is not None and not req.judged:
+            req.judged = True
+            self._outcomes.append(paid)
