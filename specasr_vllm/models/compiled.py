@@ -139,10 +139,11 @@ class CompiledWhisper:
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         """Through the compiled encoder (eager on a GPU) one window at a time (its matrices are large enough that
         batching windows gains little), any number of frames (the draft's unpadded audio): one graph serves all."""
-        # contiguous: the graph is compiled for contiguous inputs, and a strided view (a long recording's window,
-        # an audio's unpadded frames) made dynamo compile another one (6.8 s for the draft, its first long window)
-        mel = mel.to(self.device, self.dtype).contiguous()
-        return torch.cat([self._first_call(("encoder",), lambda i=i: self._encoder(mel[i : i + 1]))
+        # each window as a tensor of its own, not a view: dynamo guards a view's base as well (its layout, and its
+        # sizes by index), so a strided view (a long recording's window) or a view of another rank (an unpadded
+        # window of a long recording: "tuple index out of range") compiled the draft's encoder again (5-7 s)
+        mel = mel.to(self.device, self.dtype)
+        return torch.cat([self._first_call(("encoder",), lambda i=i: self._encoder(mel[i : i + 1].clone()))
                           for i in range(mel.shape[0])])
 
     @torch.no_grad()
