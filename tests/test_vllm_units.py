@@ -390,13 +390,16 @@ def _step(v, finished: set[str] = frozenset()) -> Any:
     return vllm_fake(v.SchedulerOutput, finished_req_ids=set(finished), preempted_req_ids=None)
 
 
-def _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch: int) -> Any:
+def _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch: int, timed: bool = True) -> Any:
     settings = VLLMPluginConfig(method="sd", max_batch=max_batch, spec={"k": 8, "fallback_after": 10**6})
     served = launch.serving_dir(str(base_dir), settings)
     config = vllm_fake(v.VllmConfig, model_config=_model_config(v, served, whisper_hf_config),
                        speculative_config=vllm_fake(v.SpeculativeConfig, num_speculative_tokens=16),
                        device_config=vllm_fake(v.DeviceConfig, device=torch.device("cpu")))
-    return proposer.SpecASRProposer(config)
+    p = proposer.SpecASRProposer(config)
+    if timed:  # as if vLLM's AR step had been timed, and slow: drafting is never judged not to pay
+        p.drafter.costs.observe(ar_step=1.0)
+    return p
 
 
 @pytest.fixture
@@ -434,6 +437,25 @@ def test_requests_that_arrive_beside_others_never_draft(v, base_dir, whisper_hf_
     alone = _Slots([prompt])
     alone.append(0, [50])
     assert len(p.propose([[50]], alone.lengths.copy(), alone.tokens)[0]) > 0  # arrived alone: drafts
+
+
+def test_the_first_request_times_a_step_without_drafts_before_drafting(v, base_dir, whisper_hf_config, tmp_path,
+                                                                       monkeypatch, base, manifest, dev_audio):
+    """A fresh proposer proposes nothing until one of vLLM's steps without drafts has been timed: not at the call
+    after the first request's prefill (no step to time yet), but at the next, which times the step between."""
+    monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
+    p = _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch=1, timed=False)
+    english = next(e for e in manifest if e.language == "en")
+    prompt = base.tokenizer.prefix("en")
+    runner = vllm_fake(v.GPUModelRunner, input_batch=vllm_fake(v.InputBatch, req_ids=[english.id]),
+                       requests={english.id: _request(v, english.id, prompt, dev_audio[english.id])})
+    slots = _Slots([prompt])
+    drafted = []
+    for token in (50, 51, 52):
+        slots.append(0, [token])
+        p.bind(runner, _step(v))
+        drafted.append(len(p.propose([[token]], slots.lengths.copy(), slots.tokens)[0]))
+    assert drafted[0] == 0 and drafted[1] > 0 and drafted[2] > 0 and p.drafter.costs.ar_step is not None
 
 
 def test_proposer_through_a_fake_runner(v, fixed_length_proposer, base, manifest, dev_audio):

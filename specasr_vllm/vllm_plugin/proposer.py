@@ -108,7 +108,9 @@ class SpecASRProposer:
             outputs[rid] = token_ids_cpu[row, self._prompt_len[rid] : end].tolist()
             budgets[rid] = min(self.max_draft, self.max_model_len - end - 1)
         trees = {}
-        if 0 < len(outputs) <= self.settings.max_batch:  # past it the step is plain vLLM (see config)
+        # past max_batch the step is plain vLLM (see config); and none until one of vLLM's steps without drafts has
+        # been timed (the process's first request: the step after its prefill), what the drafter weighs passes against
+        if 0 < len(outputs) <= self.settings.max_batch and self.drafter.costs.ar_step is not None:
             trees = self.drafter.propose(outputs, budgets)
         drafts = []
         for rid in req_ids:
