@@ -243,9 +243,10 @@ def test_the_ar_step_is_unknown_until_measured_then_averaged():
 
     costs = Costs()
     assert costs.ar_step is None
-    costs.observe(ar_step=0.007)
-    assert costs.ar_step == pytest.approx(0.007)  # the first measurement, not a prior
-    costs.observe(ar_step=1.0)  # a pause: at most OUTLIER times the estimate moves it
+    for seconds in (0.037, 0.007, 0.009):  # the first FIRST: the least of them (a slow first step sets no price)
+        costs.observe(ar_step=seconds)
+    assert costs.ar_step == pytest.approx(0.007) and costs.ar_samples == Costs.FIRST == 3
+    costs.observe(ar_step=1.0)  # then a moving average; a pause moves it at most OUTLIER times the estimate
     assert costs.ar_step == pytest.approx(0.9 * 0.007 + 0.1 * Costs.OUTLIER * 0.007)
 
 

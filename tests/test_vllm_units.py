@@ -26,6 +26,7 @@ import torch
 from specasr_vllm.audio import log_mel_spectrogram
 from specasr_vllm.config import VLLM_SETTINGS_FILE, VLLMPluginConfig
 from specasr_vllm.errors import UnsupportedVLLMError
+from specasr_vllm.speculation.adaptive import Costs
 from specasr_vllm.vllm_plugin import hooks, launch, proposer, version
 
 pytestmark = pytest.mark.real
@@ -397,8 +398,8 @@ def _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch: int, timed
                        speculative_config=vllm_fake(v.SpeculativeConfig, num_speculative_tokens=16),
                        device_config=vllm_fake(v.DeviceConfig, device=torch.device("cpu")))
     p = proposer.SpecASRProposer(config)
-    if timed:  # as if vLLM's AR step had been timed, and slow: drafting is never judged not to pay
-        p.drafter.costs.observe(ar_step=1.0)
+    for _ in range(Costs.FIRST if timed else 0):  # as if vLLM's AR steps had been timed, and slow: drafting never
+        p.drafter.costs.observe(ar_step=1.0)  # is judged not to pay
     return p
 
 
@@ -441,8 +442,8 @@ def test_requests_that_arrive_beside_others_never_draft(v, base_dir, whisper_hf_
 
 def test_the_first_request_times_a_step_without_drafts_before_drafting(v, base_dir, whisper_hf_config, tmp_path,
                                                                        monkeypatch, base, manifest, dev_audio):
-    """A fresh proposer proposes nothing until one of vLLM's steps without drafts has been timed: not at the call
-    after the first request's prefill (no step to time yet), but at the next, which times the step between."""
+    """A fresh proposer proposes nothing until ``Costs.FIRST`` (3) of vLLM's steps without drafts have been timed:
+    the call after the first request's prefill has no step to time yet, the next three each time the step before."""
     monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
     p = _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch=1, timed=False)
     english = next(e for e in manifest if e.language == "en")
@@ -451,11 +452,11 @@ def test_the_first_request_times_a_step_without_drafts_before_drafting(v, base_d
                        requests={english.id: _request(v, english.id, prompt, dev_audio[english.id])})
     slots = _Slots([prompt])
     drafted = []
-    for token in (50, 51, 52):
+    for token in (50, 51, 52, 53, 54):
         slots.append(0, [token])
         p.bind(runner, _step(v))
         drafted.append(len(p.propose([[token]], slots.lengths.copy(), slots.tokens)[0]))
-    assert drafted[0] == 0 and drafted[1] > 0 and drafted[2] > 0 and p.drafter.costs.ar_step is not None
+    assert drafted[:3] == [0, 0, 0] and drafted[3] > 0 and drafted[4] > 0 and p.drafter.costs.ar_samples == 3
 
 
 def test_proposer_through_a_fake_runner(v, fixed_length_proposer, base, manifest, dev_audio):

@@ -29,7 +29,9 @@ class Costs:
     draft_step: float = 0.01
     verify: float = 0.05
     ar_step: float | None = None
+    ar_samples: int = 0  # AR steps observed
     OUTLIER = 4.0
+    FIRST = 3  # the AR step's first estimate is the least of this many (a slow first step does not set the price)
 
     def observe(self, draft_step: float | None = None, verify: float | None = None,
                 ar_step: float | None = None) -> None:
@@ -38,8 +40,11 @@ class Costs:
         if verify is not None:
             self.verify = 0.9 * self.verify + 0.1 * min(verify, self.OUTLIER * self.verify)
         if ar_step is not None:
-            self.ar_step = ar_step if self.ar_step is None else \
-                0.9 * self.ar_step + 0.1 * min(ar_step, self.OUTLIER * self.ar_step)
+            self.ar_samples += 1
+            if self.ar_step is None or self.ar_samples <= self.FIRST:
+                self.ar_step = ar_step if self.ar_step is None else min(self.ar_step, ar_step)
+            else:
+                self.ar_step = 0.9 * self.ar_step + 0.1 * min(ar_step, self.OUTLIER * self.ar_step)
 
 
 class FixedLength:

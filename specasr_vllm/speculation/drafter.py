@@ -541,8 +541,8 @@ class Drafter:
             self.costs.observe(verify=seconds)
         share = None if pass_seconds is None or not emitted else pass_seconds / len(emitted)
         if share is not None and len(emitted) <= self.config.max_batch and \
-                all(self.requests[key].last_tree is None for key in emitted):  # an AR step, as wide as drafting's
-            self.costs.observe(ar_step=share)
+                not any(self.requests[key].last_tree for key in emitted):  # an AR step (no tree, or an empty one)
+            self.costs.observe(ar_step=share)  # as wide as drafting's
         stop = []
         for key, tokens in emitted.items():
             req = self.requests[key]

@@ -31,6 +31,7 @@ from specasr_vllm.config import VLLMPluginConfig, compile_by_default
 from specasr_vllm.models.registry import load_model
 from specasr_vllm.models.tokenizer import WhisperTokenizer
 from specasr_vllm.speculation import Drafter, SpecStats
+from specasr_vllm.speculation.adaptive import Costs
 from specasr_vllm.speculation.requests import audio_frames  # noqa: F401  (re-exported: tests and tools use it)
 from specasr_vllm.vllm_plugin.version import check_vllm
 
@@ -108,9 +109,10 @@ class SpecASRProposer:
             outputs[rid] = token_ids_cpu[row, self._prompt_len[rid] : end].tolist()
             budgets[rid] = min(self.max_draft, self.max_model_len - end - 1)
         trees = {}
-        # past max_batch the step is plain vLLM (see config); and none until one of vLLM's steps without drafts has
-        # been timed (the process's first request: the step after its prefill), what the drafter weighs passes against
-        if 0 < len(outputs) <= self.settings.max_batch and self.drafter.costs.ar_step is not None:
+        # past max_batch the step is plain vLLM (see config); and none until Costs.FIRST of vLLM's steps without drafts
+        # have been timed (the process's first request: the steps after its prefill), what the drafter weighs passes
+        # against (taken alone, the first one, 37 ms on this CPU, judged drafting to pay on Shakespeare's sonnets)
+        if 0 < len(outputs) <= self.settings.max_batch and self.drafter.costs.ar_samples >= Costs.FIRST:
             trees = self.drafter.propose(outputs, budgets)
         drafts = []
         for rid in req_ids:
@@ -160,7 +162,8 @@ class SpecASRProposer:
 
     def stats(self) -> dict:
         """Counters over every request seen (finished and live), the draft-length histogram, the
-        fallbacks and the proposer's own cost per step (for tests, benchmarks and logs)."""
+        fallbacks, the proposer's own cost per step, and what the drafter judges by: vLLM's AR step as timed
+        (None until timed) and whether drafting paid lately (for tests, benchmarks and logs)."""
         totals, fallbacks = SpecStats(), Counter(self.fallbacks)
         totals.merge(self.totals)
         for rid in self._prompt_len:
@@ -172,7 +175,9 @@ class SpecASRProposer:
                 "fallbacks": {k: v for k, v in fallbacks.items() if v}, "steps": self.steps,
                 "ms_per_step": 1000 * self.seconds / self.steps if self.steps else None,
                 "drafting_steps": self.drafting_steps,
-                "ms_per_drafting_step": 1000 * self.drafting_seconds / self.drafting_steps if self.drafting_steps else None}
+                "ms_per_drafting_step": 1000 * self.drafting_seconds / self.drafting_steps if self.drafting_steps else None,
+                "ms_per_ar_step": None if self.drafter.costs.ar_step is None else 1000 * self.drafter.costs.ar_step,
+                "drafting_paid_lately": self.drafter.paid_lately()}
 
     # ---- guards ----------------------------------------------------------------------------------
     def _raise_if_unbound(self) -> None:
