@@ -329,11 +329,7 @@ class Drafter:
                                   {rows.index(row): pos for row, pos in (begin or {}).items()})
         if packed.tokens.shape[1] == 1:
             self.costs.observe(draft_step=time.perf_counter() - t0)
-        for row, start in zip(rows, starts):
-            self.cache.set_length(row, start)
-        ids, probs = host.tolist()  # ids are exact as floats (< 2**24)
-        return {row: [((int(i[0]), p[0]), (int(i[1]), p[1])) for i, p in zip(ids[b], probs[b])][: len(inputs[row].tokens)]
-                for b, row in enumerate(rows) if row in inputs}
+        return self._read(host, rows, starts, {row: len(tree_row.tokens) for row, tree_row in inputs.items()})
 
     def _forward_run(self, rounds: list[_Round]) -> dict[int, list[Choice]]:
         """A run of greedy draft steps (``DraftModel.run``) from each round's last chain token, over every live
@@ -347,18 +343,23 @@ class Drafter:
         n = self.draft.run_length
         starts = self.cache.lengths(rows)
         if rows != list(range(rows[0], rows[0] + len(rows))) or max(starts) + n > self.cache.capacity:
-            return {row: choices[:1] for row, choices in
-                    self._forward({r.row: TreeRow.chain([r.chain[-1]]) for r in rounds}).items()}
+            return self._forward({r.row: TreeRow.chain([r.chain[-1]]) for r in rounds})
         feed = {r.row: r.chain[-1] for r in rounds}
         tokens = torch.tensor([[feed.get(row, self._tok.eot)] for row in rows], device=self.device)
         t0 = time.perf_counter()
         host = self.draft.run(tokens, self.cache, rows)
         self.costs.observe(draft_step=(time.perf_counter() - t0) / n)
+        return self._read(host, rows, starts, {row: n for row in feed})
+
+    def _read(self, host: torch.Tensor, rows: list[int], starts: list[int], wanted: dict[int, int]
+              ) -> dict[int, list[Choice]]:
+        """Roll ``rows`` back to their ``starts`` and read a draft call's (2, batch, n, 2) choices from the host
+        tensor: the first ``wanted[row]`` of each row asked for (ids are exact as floats, < 2**24)."""
         for row, start in zip(rows, starts):
             self.cache.set_length(row, start)
         ids, probs = host.tolist()
-        return {row: [((int(i[0]), p[0]), (int(i[1]), p[1])) for i, p in zip(ids[b], probs[b])]
-                for b, row in enumerate(rows) if row in feed}
+        return {row: [((int(i[0]), p[0]), (int(i[1]), p[1])) for i, p in zip(ids[b], probs[b])][: wanted[row]]
+                for b, row in enumerate(rows) if row in wanted}
 
     def _count_step(self, rounds: list[_Round], parallel: set[Hashable] = frozenset(), steps: int = 1) -> None:
         """``steps`` draft steps for each round (a run counts every step it computed, used or not)."""
