@@ -37,7 +37,7 @@ def alone(model, draft: DraftModel | None, reps: int) -> dict[str, float]:
     """Isolated costs (ms) of one model (eager ``Whisper`` or ``CompiledWhisper``) and the draft."""
     sync = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
     d = model.dims
-    mel = torch.randn(1, d.n_mels, 2 * d.max_source_positions)
+    mel = torch.randn(1, d.n_mels, 2 * d.max_source_positions, device=model.device)
     out = {"encoder": _median_ms(lambda: model.encode(mel), max(reps // 6, 3), sync=sync)}
     cache = model.empty_cache(1)  # claimed rows of a kept cache, as the engine decodes (graphs are bound to it)
     cache.claim(*model.cross_kv(model.encode(mel)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from specasr_vllm.speculation.acceptance import Acceptance, accept_greedy, accep
 from specasr_vllm.speculation.adaptive import ConfidencePolicy, FixedLength
 from specasr_vllm.speculation.bridge import IdentityBridge, TextBridge, TextSoFar, make_bridge
 from specasr_vllm.speculation.recycling import common_prefix, recycle_candidates
+from specasr_vllm.speculation.requests import draft_features
 from specasr_vllm.speculation.tree import ROOT, DraftTree
 
 EOT = 99
@@ -256,3 +258,12 @@ def test_an_engine_config_takes_its_methods_preset():
     assert EngineConfig(method="sd").spec == SpecConfig.for_method("sd") and not EngineConfig(method="sd").spec.adaptive
     assert EngineConfig(method="specasr").spec == SpecConfig()
     assert EngineConfig(method="sd", spec=SpecConfig(k=3)).spec.k == 3  # a given one is kept
+
+
+def test_the_drafts_encoder_reads_the_audios_frames_rounded_up_to_the_devices_multiple():
+    mel = torch.zeros(80, 3000)
+    audio = np.zeros(12 * 16000 + 5 * 160, dtype=np.float32)  # 12.05 s: 1205 frames, plus the 100-frame margin
+    assert draft_features(80, mel, audio, unpadded=True).shape == (80, 1306)  # even, for the stride-2 convolution
+    assert draft_features(80, mel, audio, unpadded=True, multiple=1000).shape == (80, 2000)  # a GPU's buckets
+    assert draft_features(80, mel, np.zeros(29 * 16000, dtype=np.float32), True, 1000).shape == (80, 3000)
+    assert draft_features(80, mel, audio, unpadded=False, multiple=1000).shape == (80, 3000)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specasr_vllm.config import SpecConfig
+from specasr_vllm.config import N_FRAMES, SpecConfig
 from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.kv_cache import DecoderCache, FixedView, OneRowView
 from specasr_vllm.models.registry import ASRModel
@@ -79,6 +79,11 @@ class DraftModel:
         self.run_length = config.draft_run if graphs else 1
         self._runs = StepGraphs(_DraftRun(self.model, self.head, self.suppress, self.begin_suppress, self.ids,
                                           self.run_length), device) if self.run_length > 1 else None
+        # the encoder's input is cut to the audio's frames (``SpecConfig.draft_unpadded``), rounded up to this: any
+        # even count on a CPU, whose compiled encoder serves every length; a third of a window on a GPU, where the
+        # eager encoder is launch-bound (padding costs it nothing) and the first call at each length pays for its
+        # own setup, so it meets three lengths, all seen in ``warm``
+        self.frame_multiple = 2 if on_cpu else N_FRAMES // 3
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +155,10 @@ class DraftModel:
             return
         d = self.model.dims
         cache.reserve(max(rows, reserve), d.max_source_positions)
-        features = self.encode(torch.zeros(1, d.n_mels, 2 * d.max_source_positions, device=self.device))
+        if self.device.type == "cuda":  # the shorter lengths requests meet (``frame_multiple``)
+            for frames in range(self.frame_multiple, N_FRAMES, self.frame_multiple):
+                self.encode(torch.zeros(1, d.n_mels, frames, device=self.device))
+        features = self.encode(torch.zeros(1, d.n_mels, N_FRAMES, device=self.device))
         for batch in sorted({1, rows}):
             claimed = cache.claim(*self.cross_kv(features.repeat(batch, 1, 1)))
             try:

@@ -156,7 +156,8 @@ class Drafter:
                 req.stats.fallback = "drafting has not paid lately"
                 return False
         self._since_probe = 0
-        req.mel = draft_features(self.draft.asr.n_mels, mel, audio, self.config.draft_unpadded)
+        req.mel = draft_features(self.draft.asr.n_mels, mel, audio, self.config.draft_unpadded,
+                                 self.draft.frame_multiple)
         return True
 
     def drafting(self, key: Hashable) -> bool:

@@ -21,9 +21,11 @@ def draft_prefix(draft: WhisperTokenizer, language: str, task: str, timestamps: 
     return draft.prefix(language if draft.multilingual else None, task, timestamps, prompt)
 
 
-def draft_features(n_mels: int, mel: torch.Tensor | None, audio: np.ndarray | None, unpadded: bool) -> torch.Tensor:
+def draft_features(n_mels: int, mel: torch.Tensor | None, audio: np.ndarray | None, unpadded: bool,
+                   multiple: int = 2) -> torch.Tensor:
     """The draft encoder's input: ``mel`` (n_mels, frames) when the draft reads the same front end,
-    else a log-mel of ``audio`` computed for it; cut to the audio's frames when ``unpadded``."""
+    else a log-mel of ``audio`` computed for it; cut to the audio's frames when ``unpadded``, rounded up to a
+    ``multiple`` of frames (even: the encoder's stride-2 convolution halves them; ``DraftModel.frame_multiple``)."""
     if mel is None or mel.shape[0] != n_mels:
         if audio is None:
             have = "no features" if mel is None else f"{mel.shape[0]} mel bins"
@@ -36,8 +38,8 @@ def draft_features(n_mels: int, mel: torch.Tensor | None, audio: np.ndarray | No
         mel = log_mel_spectrogram(audio, n_mels)
     if not unpadded:
         return mel
-    frames = audio_frames(mel) if audio is None else _even(min(mel.shape[1], len(audio) // HOP_LENGTH + DRAFT_MARGIN_FRAMES))
-    return mel[:, :frames]
+    frames = audio_frames(mel) if audio is None else len(audio) // HOP_LENGTH + DRAFT_MARGIN_FRAMES
+    return mel[:, : min(mel.shape[1], -(-frames // multiple) * multiple)]
 
 
 def _even(frames: int) -> int:
