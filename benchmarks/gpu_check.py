@@ -8,7 +8,8 @@ Loads the target and the draft once per dtype, then for each mode (``eager`` mod
 decoder steps of target and draft replayed as captured CUDA graphs, the engine's default on a GPU), batch
 size and method (``ar``, ``specasr``, ``sd``) transcribes the English dev files after one warm-up call,
 and prints per row: seconds, speedup over the dtype's first row (AR, first mode, first batch size),
-tokens per second, graphs captured and how many files are token-identical to that first row (fp16 and
+tokens per second, the AR step (ms) the drafter's judgement weighs its passes against (``Drafter.pays``),
+graphs captured and how many files are token-identical to that first row (fp16 and
 fp32 may legitimately differ from each other). ``--draft-runs 1,8`` runs each drafting method once per run
 length (greedy draft steps per graph replay, ``SpecConfig.draft_run``; on the ``graphs`` mode only: eager
 steps draft one at a time). ``--components`` also times the steps alone per mode.
@@ -28,6 +29,7 @@ import pstats
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -121,11 +123,17 @@ def _timed(engine, items: list[tuple[str, np.ndarray]], batch: int) -> tuple[lis
     total = SpecStats()
     for out in outs:
         total.merge(out.stats)
-    stats = {"tokens_per_pass": round(total.output_tokens / max(total.target_passes, 1), 2),
+    parts = outs if batch == 1 else [SimpleNamespace(timings=engine.totals)]  # each batch's timings counted once
+    stats = {"encode_seconds": round(sum(o.timings.get("encode", 0.0) for o in parts), 3),
+             "draft_encode_seconds": round(sum(o.timings.get("draft_encode", 0.0) for o in parts), 3),
+             "tokens_per_pass": round(total.output_tokens / max(total.target_passes, 1), 2),
              "draft_steps_per_pass": round(total.draft_steps / max(total.target_passes, 1), 2),
              "accepted_of_drafted": round(total.accepted_tokens / max(total.drafted_tokens, 1), 3),
              "files_fallen_back": sum(out.stats.fallback is not None for out in outs),
-             "warm_seconds": round(warm, 2), "captured_while_timed": _graphs(engine) - graphs}
+             "warm_seconds": round(warm, 2), "captured_while_timed": _graphs(engine) - graphs,
+             # what the drafter's judgement weighs passes against (Drafter.pays), against the AR row's own ms a token
+             "ar_step_ms": round(1e3 * engine.drafter.costs.ar_step, 3)
+             if engine.drafter is not None and engine.drafter.costs.ar_step is not None else float("nan")}
     return [o.tokens for o in outs], seconds, decode, stats
 
 
@@ -207,13 +215,14 @@ def table(rows: list[dict], components: dict) -> str:
     """The rows as text (x AR: against the first row, AR at the first mode and batch size) and the components."""
     header = (f"{'dtype':8} {'mode':7} {'batch':>5} {'method':8} {'run':>3} {'seconds':>8} {'x AR':>6} {'decode s':>9} "
               f"{'dec x AR':>8} {'tok/s':>7} {'graphs':>6} {'tok/pass':>8} {'drafts/pass':>11} {'accepted':>8} "
-              f"{'fallback':>8} {'warm s':>6} {'+capt':>5} identical (to the first row, to AR here)")
+              f"{'fallback':>8} {'AR step':>7} {'warm s':>6} {'+capt':>5} identical (to the first row, to AR here)")
     lines = [header]
     for r in rows:
         lines.append(f"{r['dtype']:8} {r['mode']:7} {r['batch']:5} {r['method']:8} {r['draft_run']:3} {r['seconds']:8.2f} {r['x_ar']:6.2f} "
                      f"{r['decode_seconds']:9.2f} {r['decode_x_ar']:8.2f} {r['tokens'] / r['seconds']:7.0f} "
                      f"{r['graphs']:6} {r['tokens_per_pass']:8.2f} {r['draft_steps_per_pass']:11.2f} "
-                     f"{r['accepted_of_drafted']:8.3f} {r['files_fallen_back']:8} {r['warm_seconds']:6.1f} "
+                     f"{r['accepted_of_drafted']:8.3f} {r['files_fallen_back']:8} {r['ar_step_ms']:7.3f} "
+                     f"{r['warm_seconds']:6.1f} "
                      f"{r['captured_while_timed']:5} "
                      f"{r['identical']}/{r['files']}, {r['identical_to_ar_here']}/{r['files']}")
     for mode, ms in components.items():

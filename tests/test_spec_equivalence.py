@@ -187,3 +187,18 @@ def test_feedback_off_the_proposed_tree_is_logged_not_fatal(pair_models, caplog)
     stats = drafter.release(["r"])["r"]
     assert "not a child" in caplog.text
     assert (stats.target_passes, stats.output_tokens, stats.drafted_tokens) == (2, 3, 0)
+
+
+def test_a_pass_with_draft_work_is_no_ar_step_even_when_its_tree_is_empty(pair_models):
+    """An empty tree from a request that still drafts may have cost draft calls (its chain stopped at once): such
+    a pass does not price an AR step. A declined request's empty tree cost nothing, so its pass does."""
+    target, draft = pair_models["same"]
+    drafter = Drafter.build(draft, target.tokenizer, SpecConfig(draft_vocab=None))
+    drafter.start("r", "en", mel=torch.randn(80, 3000))
+    assert len(drafter.propose({"r": [400]}, {"r": 0})["r"]) == 0  # drafting, but no room for a draft this pass
+    drafter.feedback({"r": [401]}, pass_seconds=0.030)
+    assert drafter.costs.ar_step is None
+    drafter.decline(["r"], "the host's choice")
+    assert len(drafter.propose({"r": [400, 401]}, {"r": 20})["r"]) == 0
+    drafter.feedback({"r": [402]}, pass_seconds=0.010)
+    assert drafter.costs.ar_step == pytest.approx(0.010)
