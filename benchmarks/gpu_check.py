@@ -29,7 +29,6 @@ import pstats
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -119,13 +118,13 @@ def _timed(engine, items: list[tuple[str, np.ndarray]], batch: int) -> tuple[lis
     _sync(engine.config.device)
     seconds = time.perf_counter() - t0
     # a file's timings are those of the batches it was in; ``totals`` counts each batch once, over the last call
-    decode = sum(o.timings["decode"] for o in outs) if batch == 1 else engine.totals["decode"]
+    timings = [o.timings for o in outs] if batch == 1 else [engine.totals]
+    decode = sum(t["decode"] for t in timings)
     total = SpecStats()
     for out in outs:
         total.merge(out.stats)
-    parts = outs if batch == 1 else [SimpleNamespace(timings=engine.totals)]  # each batch's timings counted once
-    stats = {"encode_seconds": round(sum(o.timings.get("encode", 0.0) for o in parts), 3),
-             "draft_encode_seconds": round(sum(o.timings.get("draft_encode", 0.0) for o in parts), 3),
+    stats = {"encode_seconds": round(sum(t.get("encode", 0.0) for t in timings), 3),
+             "draft_encode_seconds": round(sum(t.get("draft_encode", 0.0) for t in timings), 3),
              "tokens_per_pass": round(total.output_tokens / max(total.target_passes, 1), 2),
              "draft_steps_per_pass": round(total.draft_steps / max(total.target_passes, 1), 2),
              "accepted_of_drafted": round(total.accepted_tokens / max(total.drafted_tokens, 1), 3),
