@@ -22,6 +22,7 @@ from specasr_vllm.engine.speculative import decode_speculative
 from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
 from specasr_vllm.speculation import Drafter
+from specasr_vllm.speculation.adaptive import PassLine
 
 MAX_POSITIONS = 36
 
@@ -131,6 +132,9 @@ def test_drafting_stops_when_its_passes_emit_slower_than_ar_steps(pair_models, p
         out += emitted
         drafter.feedback({"r": emitted}, seconds=pass_ms / 2000, pass_seconds=pass_ms / 1000)
     assert len(drafter.propose({"r": out}, {"r": 20})["r"]) == (3 if pays else 0)  # judged after 3 passes
+    # the stopping rule's price: the three passes of one drafting request (not the two-row pass, nor the AR step)
+    assert drafter.costs.passes.passes == 3 and drafter.costs.passes.seconds == pytest.approx(
+        pass_ms / 1000 * (1 + PassLine.FORGET + PassLine.FORGET ** 2))
     stats = drafter.release(["r"])["r"]
     assert (stats.fallback is None) == pays and stats.accepted_tokens == 9
     if not pays:
@@ -198,7 +202,9 @@ def test_a_pass_with_draft_work_is_no_ar_step_even_when_its_tree_is_empty(pair_m
     assert len(drafter.propose({"r": [400]}, {"r": 0})["r"]) == 0  # drafting, but no room for a draft this pass
     drafter.feedback({"r": [401]}, pass_seconds=0.030)
     assert drafter.costs.ar_step is None
+    assert drafter.costs.passes.passes == 1 and drafter.costs.passes.nodes == 0  # a drafting pass of no nodes
     drafter.decline(["r"], "the host's choice")
     assert len(drafter.propose({"r": [400, 401]}, {"r": 20})["r"]) == 0
     drafter.feedback({"r": [402]}, pass_seconds=0.010)
     assert drafter.costs.ar_step == pytest.approx(0.010)
+    assert drafter.costs.passes.passes == 1  # an AR step prices no drafting pass

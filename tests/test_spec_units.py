@@ -226,6 +226,40 @@ def test_identity_bridge_is_free():
     assert bridge.to_target([3, 4], [0.5, 0.6], None).tokens == [3, 4]
 
 
+def test_the_pass_line_fits_whole_passes_by_width():
+    """Passes at 19 ms plus 2.2 ms a node: the line is unknown until ``MIN_PASSES`` passes of more than one width,
+    then found; a pause counts as at most ``OUTLIER`` times the line's price."""
+    from specasr_vllm.speculation.adaptive import Costs, PassLine
+
+    line = PassLine()
+    for _ in range(PassLine.MIN_PASSES + 2):
+        line.observe(4, 0.019 + 0.0022 * 4)
+    assert line.line() is None  # one width: no slope to fit
+    for nodes in [1, 7, 3, 12, 0, 5] * 3:
+        line.observe(nodes, 0.019 + 0.0022 * nodes)
+    fixed, per_node = line.line()
+    assert fixed == pytest.approx(0.019) and per_node == pytest.approx(0.0022)
+    before = line.seconds
+    line.observe(2, 10.0)
+    assert line.seconds == pytest.approx(PassLine.FORGET * before + Costs.OUTLIER * (0.019 + 0.0022 * 2))
+    assert PassLine().line() is None
+
+
+def test_the_auto_policy_prices_a_token_by_the_pass_line():
+    """A draft step of 1.7 ms against a 19 ms verification says one more token at 40% is worth it; passes that cost
+    19 ms plus 9 ms a node (each node widens the verification too) say it is not."""
+    p = ConfidencePolicy(auto=True, cap=32)
+    for i in range(200):  # tokens the draft gives 0.95 accepted, those it gives 0.45 accepted 40% of the time
+        p.observe([0.95, 0.45], 2 if i % 5 < 2 else 1)
+    assert p.acceptance(0.45) == pytest.approx(0.4, abs=0.02) and p.acceptance(0.95) > 0.95
+    p.costs.draft_step, p.costs.verify = 0.0017, 0.019
+    assert p.keep_going(4, 0.45, 0.9, 3.5)
+    for nodes in [1, 2, 4, 8] * 3:
+        p.costs.passes.observe(nodes, 0.019 + 0.009 * nodes)
+    assert not p.keep_going(4, 0.45, 0.9, 3.5)
+    assert p.keep_going(4, 0.95, 0.9, 3.5)
+
+
 def test_one_slow_call_moves_the_measured_costs_only_so_far():
     """A first call that traces a graph (0.5 s) among 1.4 ms draft steps: the estimate stays within
     OUTLIER times itself, and comes back within a few steps."""

@@ -22,6 +22,13 @@ from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.tokenizer import TIME_PRECISION, WhisperTokenizer
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The best id of each row of (..., vocab) scores: ``argmax(-1)``, through ``max(-1)``, which picks the same
+    index (the first of tied maxima, a NaN if any) and cost 2.5x less on the 2-core CPU (8 x 51865 floats: 0.11
+    against 0.28 ms; one row: 0.02 against 0.07 ms)."""
+    return logits.max(-1).indices
+
+
 class Suppression:
     """Whisper's token suppression alone: the rules that hold with or without timestamps.
 
@@ -128,7 +135,7 @@ class WhisperRules:
         alone and no favourite suppressed, the logits come back as given: masking a copy of a verification
         pass's (n, 51865) logits cost ~0.17 ms in the loop, and ``logprobs`` masks the rows it reads."""
         if contexts is None and noise is None and first is False:
-            best = logits.argmax(-1).tolist()
+            best = greedy(logits).tolist()
             # a favourite that is allowed is also the favourite among the allowed ids (ties go to the lowest id, so
             # a suppressed id tying with it and lower would have been chosen): the masked copy is not needed
             if self.suppression.suppressed.isdisjoint(best):
@@ -143,7 +150,7 @@ class WhisperRules:
         masked = self.mask(logits, first)
         if contexts is not None:
             masked = self.timestamp_mask(masked, contexts)
-        return masked, masked.argmax(-1) if noise is None else (masked.float() + noise).argmax(-1)
+        return masked, greedy(masked if noise is None else masked.float() + noise)
 
     def logprobs(self, masked: torch.Tensor, rows: list[int], tokens: list[int]) -> list[float]:
         """Log-probabilities of ``tokens`` at ``rows`` of ``choose``'s logits, without materialising the whole

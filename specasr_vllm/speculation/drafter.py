@@ -542,9 +542,9 @@ class Drafter:
         whole pass cost (``pass_seconds``: proposing, verifying and the host's bookkeeping, from the start of
         one pass to the start of the next).
 
-        Updates statistics, calibrates the stopping rule, prices verification for it, learns what an AR step
-        costs (a pass that did no draft work for any request is one) and decides whether drafting still pays
-        for each request (``pays``; else the request continues as AR).
+        Updates statistics, calibrates the stopping rule, prices passes by their width for it (``PassLine``, from
+        passes of one request), learns what an AR step costs (a pass that did no draft work for any request is
+        one) and decides whether drafting still pays for each request (``pays``; else the request continues as AR).
         """
         if seconds is not None:
             self.costs.observe(verify=seconds)
@@ -552,6 +552,10 @@ class Drafter:
         if share is not None and len(emitted) <= self.config.max_batch and \
                 not any(self.requests[key].drafted() for key in emitted):  # an AR step: no draft work in it
             self.costs.observe(ar_step=share)  # as wide as drafting's
+        if pass_seconds is not None and len(emitted) == 1:
+            req = self.requests[next(iter(emitted))]
+            if req.drafted():  # one request's drafting pass: what the stopping rule prices, by the tree's width
+                self.costs.passes.observe(len(req.last_tree), pass_seconds)
         stop = []
         for key, tokens in emitted.items():
             req = self.requests[key]
