@@ -152,6 +152,9 @@ class SpecConfig:
     # rows costs little more than for one, so verifying drafts for a batch costs more than it saves (compiled,
     # 32 dev files in batches of 8: decode 0.93x of AR drafting for every row, benchmarks/results/engines-b8)
     max_batch: int = 1
+    # where several requests draft in one pass, each tree has at most this many nodes: the target verifies every row
+    # as wide as the longest tree, and draft steps run for every row until the longest chain stops
+    batch_draft: int = 6
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> SpecConfig:

@@ -208,3 +208,47 @@ def test_a_pass_with_draft_work_is_no_ar_step_even_when_its_tree_is_empty(pair_m
     drafter.feedback({"r": [402]}, pass_seconds=0.010)
     assert drafter.costs.ar_step == pytest.approx(0.010)
     assert drafter.costs.passes.passes == 1  # an AR step prices no drafting pass
+
+
+def test_requests_drafting_together_get_trees_of_at_most_batch_draft_nodes(pair_models):
+    """Every row of a pass is verified as wide as its longest tree, so where several requests draft, each tree is
+    capped at ``batch_draft`` nodes; a request drafting alone is not."""
+    target, draft = pair_models["same"]
+    drafter = Drafter.build(draft, target.tokenizer, SpecConfig(adaptive=False, k=5, recycling=False, batch_draft=2,
+                                                                max_batch=2, draft_vocab=None))
+    torch.manual_seed(0)
+    for key in ("r", "s"):
+        drafter.start(key, "en", mel=torch.randn(80, 3000))
+    trees = drafter.propose({"r": [400], "s": [401]}, {"r": 20, "s": 20})
+    assert [len(trees[k]) for k in ("r", "s")] == [2, 2]
+    drafter.release(["s"])
+    assert len(drafter.propose({"r": [400] + trees["r"].tokens}, {"r": 20})["r"]) == 5
+
+
+def test_drafting_in_a_batch_is_judged_against_ar_at_that_width(pair_models):
+    """Two requests drafting together, 4 tokens each per 40 ms pass (20 ms a row). With only one row's AR step
+    measured (12 ms), that is AR's price a row at two rows too: 48 ms of AR's work against 20 ms, drafting pays.
+    With AR measured at 4 ms a row for two rows, AR would emit those 4 tokens in 16 ms: it does not pay."""
+    target, draft = pair_models["same"]
+
+    def judged(two_rows: float | None) -> list[str | None]:
+        drafter = Drafter.build(draft, target.tokenizer, SpecConfig(adaptive=False, k=3, recycling=False,
+                                                                    fallback_after=3, max_batch=2, draft_vocab=None))
+        drafter.costs.observe(ar_step=0.012)
+        if two_rows is not None:
+            drafter.costs.observe(ar_step=two_rows, rows=2)
+        torch.manual_seed(0)
+        out = {}
+        for key in ("r", "s"):
+            drafter.start(key, "en", mel=torch.randn(80, 3000))
+            out[key] = [400]
+        for _ in range(3):
+            trees = drafter.propose(out, {"r": 20, "s": 20})
+            emitted = {k: [trees[k].tokens[i] for i in range(3)] + [402] for k in out}
+            for k in out:
+                out[k] += emitted[k]
+            drafter.feedback(emitted, pass_seconds=0.040)
+        return [s.fallback for s in drafter.release(["r", "s"]).values()]
+
+    assert judged(None) == [None, None]  # priced at one row's 12 ms: pays
+    assert judged(0.004) == ["drafting does not pay (4.00 tokens per pass)"] * 2  # 4 tokens x 4 ms < 20 ms x 0.9

@@ -260,6 +260,22 @@ def test_the_auto_policy_prices_a_token_by_the_pass_line():
     assert p.keep_going(4, 0.95, 0.9, 3.5)
 
 
+def test_ar_price_per_row_by_batch_width():
+    """12 ms for one row and 36 ms for eight (4.5 ms a row): between them a whole step is interpolated, beyond the
+    widest measured its price per row holds; nothing before one row is measured."""
+    from specasr_vllm.speculation.adaptive import Costs
+
+    costs = Costs()
+    costs.observe(ar_step=0.0045, rows=8)
+    assert costs.ar_price(8) is None and costs.ar_samples == 0
+    costs.observe(ar_step=0.012)
+    assert costs.ar_price(1) == pytest.approx(0.012) and costs.ar_price(8) == pytest.approx(0.0045)
+    assert costs.ar_price(4) == pytest.approx((0.012 + (0.036 - 0.012) * 3 / 7) / 4)
+    assert costs.ar_price(16) == pytest.approx(0.0045)
+    costs.observe(ar_step=0.0055, rows=8)  # a moving average, as at one row
+    assert costs.ar_price(8) == pytest.approx(0.9 * 0.0045 + 0.1 * 0.0055)
+
+
 def test_one_slow_call_moves_the_measured_costs_only_so_far():
     """A first call that traces a graph (0.5 s) among 1.4 ms draft steps: the estimate stays within
     OUTLIER times itself, and comes back within a few steps."""

@@ -142,25 +142,27 @@ class Transcriber:
         return time.perf_counter() - began
 
     def _time_ar_step(self, steps: int = 8) -> None:
-        """Tell the drafter what one AR step at batch 1 costs (a target step and the pick, on the engine's cache,
-        median of ``steps``), what it weighs each request's speculative passes against (``Drafter.pays``); AR
-        steps in the loop refine it. Once per engine, before its first speculative decode (or at ``warm``). On
-        silence: a step's cost does not depend on what it decodes."""
+        """Tell the drafter what one AR step costs per row at one row and, where requests draft in batches, at
+        ``SpecConfig.max_batch`` rows (a target step and the pick, on the engine's cache, median of ``steps``):
+        what it weighs each request's speculative passes against (``Drafter.pays``); AR steps in the loop refine
+        it. Once per engine, before its first speculative decode (or at ``warm``). On silence: a step's cost does
+        not depend on what it decodes."""
         if self.drafter is None or self.drafter.costs.ar_step is not None:
             return
         model = self.target.model
         d = model.dims
-        features = torch.zeros(1, d.max_source_positions, d.d_model, device=model.device, dtype=model.dtype)
-        times = []
-        with BatchRows(model, features, self.cache) as batch:
-            prefix = self.target.tokenizer.prefix("en")
-            model.decode(torch.tensor([prefix], device=model.device), batch.cache, batch.rows)
-            token = torch.tensor([[prefix[-1]]], device=model.device)
-            for _ in range(steps + 2):  # the first two warm caches and allocations
-                t0 = time.perf_counter()
-                self.rules.pick(model.decode(token, batch.cache, batch.rows)[:, -1])
-                times.append(time.perf_counter() - t0)
-        self.drafter.costs.observe(ar_step=float(np.median(times[2:])))
+        prefix = self.target.tokenizer.prefix("en")
+        for rows in sorted({1, min(self.config.spec.max_batch, self.config.batch_size)}):
+            features = torch.zeros(rows, d.max_source_positions, d.d_model, device=model.device, dtype=model.dtype)
+            times = []
+            with BatchRows(model, features, self.cache) as batch:
+                model.decode(torch.tensor([prefix] * rows, device=model.device), batch.cache, batch.rows)
+                token = torch.tensor([[prefix[-1]]] * rows, device=model.device)
+                for _ in range(steps + 2):  # the first two warm caches and allocations
+                    t0 = time.perf_counter()
+                    self.rules.pick(model.decode(token, batch.cache, batch.rows)[:, -1])
+                    times.append(time.perf_counter() - t0)
+            self.drafter.costs.observe(ar_step=float(np.median(times[2:])) / rows, rows=rows)
 
     def check(self, options: DecodeOptions) -> None:
         """Refuse what this engine cannot decode (the server asks before it decodes the upload)."""

@@ -146,17 +146,26 @@ def step_inputs(starts: list[int], n: int, tree_mask: torch.Tensor | None, depth
 
 
 def block_step(tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_mask: torch.Tensor | None,
-               depths: torch.Tensor | None, device: torch.device) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+               depths: torch.Tensor | None, device: torch.device, granule: int | None = None
+               ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
     """A fixed-shape step over the contiguous block ``rows`` of ``cache`` (what compiled and captured steps run,
     through a ``FixedView``): its inputs (tokens, positions, slots, mask, audio mask) on ``device``, and the
-    block's K/V tensors it reads and writes: self K, self V, cross K, cross V, a layer each."""
+    block's K/V tensors it reads and writes: self K, self V, cross K, cross V, a layer each.
+
+    With ``granule``, the K/V are views over only what the rows hold (for a traced, shape-generic step, as
+    ``row_step``): self K and V up to the next multiple of ``granule`` slots past the new tokens, cross K and V
+    over the longest row's audio frames; else over every slot and frame (shapes that depend on the rows alone)."""
     starts, n = cache.lengths(rows), tokens.shape[1]
     if max(starts) + n > cache.capacity:
         raise ValueError(f"decoder positions exceed {cache.capacity}")
-    step = step_inputs(starts, n, tree_mask, depths, cache.capacity, cache.frames(rows), cache.cross_k[0].shape[2],
-                       device)
+    frames = cache.frames(rows)
+    span, held = cache.capacity, cache.cross_k[0].shape[2]
+    if granule is not None:
+        span, held = min(span, -(-(max(starts) + n) // granule) * granule), max(frames)
+    step = step_inputs(starts, n, tree_mask, depths, span, frames, held, device)
     block = slice(rows[0], rows[0] + len(rows))
-    state = [t[block] for tensors in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v) for t in tensors]
+    state = ([t[block, :, :span] for tensors in (cache.self_k, cache.self_v) for t in tensors]
+             + [t[block, :, :held] for tensors in (cache.cross_k, cache.cross_v) for t in tensors])
     return (tokens.to(device, non_blocking=True), step.positions, step.slots, step.mask, step.audio_mask), state
 
 

@@ -63,7 +63,8 @@ class _Request:
     text: TextSoFar = field(default_factory=TextSoFar)  # the bridge's reading of the target's output so far
     passes: int = 0  # passes that verified a proposal while the request drafted (judged by ``pays``)
     tokens: int = 0  # what those passes emitted
-    spent: float = 0.0  # their measured seconds, this request's share (0: not reported by the host)
+    spent: float = 0.0  # their measured seconds, this request's share, where AR's price was known (``ar_cost``)
+    ar_cost: float = 0.0  # what AR steps as wide as those passes would have cost for their tokens (0: not known)
     judged: bool = False  # whether the engine-wide judgement has counted it (``paid_lately``)
     stats: SpecStats = field(default_factory=SpecStats)
 
@@ -235,6 +236,9 @@ class Drafter:
         ``budgets[key]`` the most nodes the target will verify for it this pass.
         """
         self.prepare([key for key in outputs if budgets[key] >= 1])
+        if sum(self.requests[key].enabled and budgets[key] >= 1 for key in outputs) > 1:
+            # several requests draft: each one's verification is as wide as the longest tree of the pass
+            budgets = {key: min(budget, self.config.batch_draft) for key, budget in budgets.items()}
         trees = {key: DraftTree() for key in outputs}
         rounds = [r for key in outputs if (r := self._sync(key, outputs[key], budgets[key])) is not None]
         if rounds:
@@ -551,7 +555,8 @@ class Drafter:
         share = None if pass_seconds is None or not emitted else pass_seconds / len(emitted)
         if share is not None and len(emitted) <= self.config.max_batch and \
                 not any(self.requests[key].drafted() for key in emitted):  # an AR step: no draft work in it
-            self.costs.observe(ar_step=share)  # as wide as drafting's
+            self.costs.observe(ar_step=share, rows=len(emitted))  # as wide as drafting's
+        price = None if share is None else self.costs.ar_price(len(emitted))  # AR's, a token per row, this wide
         if pass_seconds is not None and len(emitted) == 1:
             req = self.requests[next(iter(emitted))]
             if req.drafted():  # one request's drafting pass: what the stopping rule prices, by the tree's width
@@ -583,8 +588,9 @@ class Drafter:
                 continue
             req.passes += 1
             req.tokens += len(tokens)
-            if share is not None:
+            if price is not None:
                 req.spent += share
+                req.ar_cost += len(tokens) * price
             if req.passes >= self.config.fallback_after and not self.pays(req):
                 self._judged(req, False)
                 req.enabled = False
@@ -594,12 +600,13 @@ class Drafter:
 
     def pays(self, req: _Request) -> bool:
         """Whether drafting pays for ``req``. Measured where the host reports whole passes and an AR step has
-        been timed (the embedded engine times one before it first drafts): its passes emit tokens no more than
-        ``max_loss`` slower than AR steps would. Else modelled: its accepted tokens must pay for its draft steps,
-        priced in verification passes, and earn ``min_accept`` a pass more."""
+        been timed (the embedded engine times one before it first drafts, at one row and at ``max_batch``): its
+        passes emit tokens no more than ``max_loss`` slower than AR steps as wide as each pass would (its share of
+        a pass against AR's price per row at that width, ``Costs.ar_price``). Else modelled: its accepted tokens
+        must pay for its draft steps, priced in verification passes, and earn ``min_accept`` a pass more."""
         c = self.costs
-        if c.ar_step is not None and req.spent:
-            return req.tokens * c.ar_step >= req.spent * (1 - self.config.max_loss)
+        if req.ar_cost:
+            return req.ar_cost >= req.spent * (1 - self.config.max_loss)
         accepted = req.tokens - req.passes  # each pass also emits the target's own token
         return accepted >= req.stats.draft_steps * c.draft_step / c.verify + self.config.min_accept * req.passes
 
@@ -611,6 +618,6 @@ class Drafter:
 
     def _judged(self, req: _Request, paid: bool) -> None:
         """Remember once per request whether drafting paid for it, where that was measured."""
-        if req.spent and self.costs.ar_step is not None and not req.judged:
+        if req.ar_cost and not req.judged:
             req.judged = True
             self._outcomes.append(paid)
