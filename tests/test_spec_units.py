@@ -272,8 +272,11 @@ def test_ar_price_per_row_by_batch_width():
     assert costs.ar_price(1) == pytest.approx(0.012) and costs.ar_price(8) == pytest.approx(0.0045)
     assert costs.ar_price(4) == pytest.approx((0.012 + (0.036 - 0.012) * 3 / 7) / 4)
     assert costs.ar_price(16) == pytest.approx(0.0045)
-    costs.observe(ar_step=0.0055, rows=8)  # a moving average, as at one row
-    assert costs.ar_price(8) == pytest.approx(0.9 * 0.0045 + 0.1 * 0.0055)
+    costs.observe(ar_step=0.0055, rows=8)  # as at one row: the least of the first FIRST, then a moving average
+    costs.observe(ar_step=0.0040, rows=8)
+    assert costs.ar_price(8) == pytest.approx(0.0040) and costs.ar_wide_samples == {8: 3}
+    costs.observe(ar_step=0.0050, rows=8)
+    assert costs.ar_price(8) == pytest.approx(0.9 * 0.0040 + 0.1 * 0.0050)
 
 
 def test_one_slow_call_moves_the_measured_costs_only_so_far():

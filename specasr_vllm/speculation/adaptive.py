@@ -82,6 +82,7 @@ class Costs:
     ar_step: float | None = None
     ar_samples: int = 0  # AR steps observed at one row
     ar_wide: dict[int, float] = field(default_factory=dict)  # rows -> an AR step's seconds per row, at 2 rows or more
+    ar_wide_samples: dict[int, int] = field(default_factory=dict)  # AR steps observed at each of those widths
     passes: PassLine = field(default_factory=PassLine)  # whole passes of one drafting request, by width
     OUTLIER = 4.0
     FIRST = 3  # the AR step's first estimate is the least of this many (a slow first step does not set the price)
@@ -94,14 +95,18 @@ class Costs:
         if verify is not None:
             self.verify = 0.9 * self.verify + 0.1 * min(verify, self.OUTLIER * self.verify)
         if ar_step is not None and rows > 1:
-            known = self.ar_wide.get(rows)
-            self.ar_wide[rows] = ar_step if known is None else 0.9 * known + 0.1 * min(ar_step, self.OUTLIER * known)
+            samples = self.ar_wide_samples[rows] = self.ar_wide_samples.get(rows, 0) + 1
+            self.ar_wide[rows] = self._averaged(self.ar_wide.get(rows), ar_step, samples)
         elif ar_step is not None:
             self.ar_samples += 1
-            if self.ar_step is None or self.ar_samples <= self.FIRST:
-                self.ar_step = ar_step if self.ar_step is None else min(self.ar_step, ar_step)
-            else:
-                self.ar_step = 0.9 * self.ar_step + 0.1 * min(ar_step, self.OUTLIER * self.ar_step)
+            self.ar_step = self._averaged(self.ar_step, ar_step, self.ar_samples)
+
+    def _averaged(self, known: float | None, seconds: float, samples: int) -> float:
+        """An AR step's new estimate: the least of the first ``FIRST`` (a step that also paid for something else,
+        a compile or a batch's rows moving up in the cache, does not set the price), then a moving average."""
+        if known is None or samples <= self.FIRST:
+            return seconds if known is None else min(known, seconds)
+        return 0.9 * known + 0.1 * min(seconds, self.OUTLIER * known)
 
     def ar_price(self, rows: int) -> float | None:
         """An AR step's seconds per row at ``rows`` rows: measured there, else a whole step's seconds interpolated

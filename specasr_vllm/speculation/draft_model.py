@@ -197,7 +197,6 @@ class DraftModel:
         self.graph_calls += 1
         return out.cpu()
 
-
     @torch.no_grad()
     def _block_graph(self, tokens: torch.Tensor, cache: DecoderCache, rows: list[int], at_begin: torch.Tensor
                      ) -> torch.Tensor:
