@@ -161,7 +161,7 @@ def block_step(tokens: torch.Tensor, cache: DecoderCache, rows: list[int], tree_
     frames = cache.frames(rows)
     span, held = cache.capacity, cache.cross_k[0].shape[2]
     if granule is not None:
-        span, held = min(span, -(-(max(starts) + n) // granule) * granule), max(frames)
+        span, held = _granule_span(max(starts) + n, cache.capacity, granule), max(frames)
     step = step_inputs(starts, n, tree_mask, depths, span, frames, held, device)
     block = slice(rows[0], rows[0] + len(rows))
     state = ([t[block, :, :span] for tensors in (cache.self_k, cache.self_v) for t in tensors]
@@ -180,9 +180,14 @@ def row_step(tokens: torch.Tensor, cache: DecoderCache, row: int, tree_mask: tor
     start, n = cache.length(row), tokens.shape[1]
     if start + n > cache.capacity:
         raise ValueError(f"decoder positions exceed {cache.capacity}")
-    span = min(cache.capacity, -(-(start + n) // granule) * granule)
+    span = _granule_span(start + n, cache.capacity, granule)
     step = step_inputs([start], n, tree_mask, depths, span, None, 0, device)
     return (tokens.to(device, non_blocking=True), step.positions, step.slots, step.mask), cache.row_kv(row, span)
+
+
+def _granule_span(end: int, capacity: int, granule: int) -> int:
+    """Self-attention slots a traced step reads to reach slot ``end``: the next multiple of ``granule``, at most all."""
+    return min(capacity, -(-end // granule) * granule)
 
 
 class Encoder(nn.Module):
