@@ -187,7 +187,8 @@ class Drafter:
 
     def finish(self, keys: list[Hashable]) -> None:
         """Requests that will emit nothing more: free their draft state now (statistics stay until ``release``),
-        and remember whether drafting paid for them."""
+        and remember whether drafting paid for them (where they drafted for ``fallback_after`` passes: the rule
+        that judges one request judges the engine's drafting too)."""
         self._end([k for k in keys if k in self.requests])
 
     def release(self, keys: list[Hashable]) -> dict[Hashable, SpecStats]:
@@ -198,7 +199,7 @@ class Drafter:
     def _end(self, keys: list[Hashable]) -> None:
         for key in keys:
             req = self.requests[key]
-            if req.enabled:
+            if req.enabled and req.passes >= self.config.fallback_after:
                 self._judged(req, self.pays(req))
         self._stop_drafting(keys)
 
