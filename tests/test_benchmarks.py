@@ -30,3 +30,21 @@ def test_quick_run_writes_table_json_and_plots(tmp_path):
     assert "| specasr | 100% |" in table and "decode x ar" in table
     for plot in ("speedup", "acceptance", "latency-cdf"):
         assert (tmp_path / f"q-{plot}.png").stat().st_size > 1000
+
+
+def test_identity_reference_is_each_engines_ar_where_our_encoder_differs():
+    from types import SimpleNamespace
+
+    from benchmarks.run import identity_reference
+
+    def method(name: str, kind: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, kind=kind)
+
+    runs = {key: {} for key in ("ar", "specasr", "vllm-ar", "vllm-specasr")}
+    same = [identity_reference(method(n, k), runs, False) for n, k in
+            (("specasr", "ours"), ("vllm-ar", "vllm"), ("vllm-specasr", "vllm"))]
+    assert same == ["ar", "ar", "ar"]  # one engine's AR checks every row, vLLM's included
+    own = [identity_reference(method(n, k), runs, True) for n, k in
+           (("specasr", "ours"), ("vllm-ar", "vllm"), ("vllm-specasr", "vllm"))]
+    assert own == ["ar", None, "vllm-ar"]
+    assert identity_reference(method("vllm-specasr", "vllm"), {"vllm-ar": {}}, False) == "vllm-ar"

@@ -125,6 +125,7 @@ VLLM = ["serve", "--engine", "vllm"]
         ([*VLLM, "--threads", "2"], "--threads does not apply to --engine vllm"),
         ([*VLLM, "--device", "cuda"], "--device does not apply to --engine vllm"),
         ([*VLLM, "--dtype", "float16"], "--dtype does not apply to --engine vllm"),
+        ([*VLLM, "--encoder-dtype", "bfloat16"], "--encoder-dtype does not apply to --engine vllm"),
         ([*VLLM, "--tree"], "--tree does not apply to --engine vllm"),
         ([*VLLM, "--concurrent-draft"], "--concurrent-draft does not apply to --engine vllm"),
         ([*VLLM, "--method", "sd", "--no-recycling"], "--no-recycling is a --method specasr switch"),
@@ -175,16 +176,16 @@ def parse(*argv: str):
 def test_engine_flags_reach_the_engine_config():
     config = cli._config(parse("transcribe", S, "--method", "specasr", "--no-adaptive", "--k", "4", "--no-recycling",
                                "--tree", "--concurrent-draft", "--batch-size", "3", "--threads", "2",
-                               "--device", "cuda", "--dtype", "float16", "--draft", "some/dir"))
-    assert (config.method, config.draft, config.batch_size, config.threads, config.device, config.dtype) == \
-        ("specasr", "some/dir", 3, 2, "cuda", "float16")
+                               "--device", "cuda", "--dtype", "float16", "--encoder-dtype", "bfloat16", "--draft", "some/dir"))
+    assert (config.method, config.draft, config.batch_size, config.threads, config.device, config.dtype,
+            config.encoder_dtype) == ("specasr", "some/dir", 3, 2, "cuda", "float16", "bfloat16")
     spec = config.spec
     assert (spec.adaptive, spec.recycling, spec.tree, spec.k, spec.concurrent_draft) == (False, False, True, 4, True)
     sd = cli._config(parse("transcribe", S, "--method", "sd", "--k", "12")).spec
     assert (sd.adaptive, sd.recycling, sd.tree, sd.k) == (False, False, False, 12)
     default = cli._config(parse("transcribe", S))
-    assert (default.method, default.batch_size, default.device, default.dtype, default.draft) == \
-        ("ar", EngineConfig.batch_size, EngineConfig.device, EngineConfig.dtype, DEFAULT_DRAFT)
+    assert (default.method, default.batch_size, default.device, default.dtype, default.encoder_dtype, default.draft) == \
+        ("ar", EngineConfig.batch_size, EngineConfig.device, EngineConfig.dtype, None, DEFAULT_DRAFT)
     baseline = cli._config(parse("transcribe", S, "--method", "ar", "--compare", "sd", "--k", "5"), "sd")
     assert baseline.spec.k == 5  # --k reaches the --compare baseline, so it is accepted with --method ar
 
@@ -233,13 +234,14 @@ def test_ray_serve_passes_every_engine_flag_to_the_app():
     from specasr_vllm.server.ray_app import parse_args
 
     args = cli._ray_builder_args(parse("ray-serve", "--no-adaptive", "--k", "4", "--no-recycling", "--tree",
-                                       "--concurrent-draft", "--device", "cuda", "--dtype", "float16", "--batch-size", "2",
+                                       "--concurrent-draft", "--device", "cuda", "--dtype", "float16",
+                                       "--encoder-dtype", "bfloat16", "--batch-size", "2",
                                        "--threads", "1",
                                        "--draft", "d", "--api-key", "key"))
     engine, server, options = parse_args(args)
     assert engine == {"engine": "embedded", "model": "whisper-base", "draft": "d", "method": "specasr", "threads": 1,
                       "batch_size": 2,
-                      "device": "cuda", "dtype": "float16", "spec": {"k": 4, "adaptive": False, "recycling": False, "tree": True,
+                      "device": "cuda", "dtype": "float16", "encoder_dtype": "bfloat16", "spec": {"k": 4, "adaptive": False, "recycling": False, "tree": True,
                                                  "concurrent_draft": True}}
     assert server == {"api_key": "key", "max_queue": ServerConfig.max_queue}
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}  # --device cuda reserves a GPU

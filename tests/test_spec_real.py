@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import transcribe_by_language
 
 from specasr_vllm.config import EngineConfig, SpecConfig
 from specasr_vllm.engine import Transcriber
+from specasr_vllm.errors import InvalidRequestError
 from specasr_vllm.speculation.stats import SpecStats
 
 pytestmark = pytest.mark.real
@@ -60,3 +62,23 @@ def test_batches_wider_than_max_batch_decode_as_ar(base, tiny_en, manifest, dev_
         assert r.stats.drafted_tokens == 0 and r.stats.draft_steps == 0
         assert r.stats.target_passes == r.stats.output_tokens + 1  # AR: a pass per token, one more for the end
     assert "draft_encode" not in transcriber.totals
+
+
+def test_bfloat16_encoder_keeps_speculative_output_identical_to_ar(base, tiny_en, manifest, dev_audio, base_ar):
+    """``EngineConfig.encoder_dtype``: the target's encoder computes in bfloat16 and its decoder in float32 (the
+    caller's model untouched); AR and SpecASR (every row drafting, batched) read the same features and agree token
+    for token; the features move little, so most transcripts stay float32's (63 of 64 English dev files)."""
+    english = [e for e in manifest if e.language == "en"][:8]
+    audios = [dev_audio[e.id] for e in english]
+    spec = SpecConfig.for_method("specasr", max_batch=8, fallback_after=10**6)
+    ar, specasr = (Transcriber(EngineConfig(method=method, encoder_dtype="bfloat16", spec=spec if draft else None),
+                               target=base, draft=draft) for method, draft in (("ar", None), ("specasr", tiny_en)))
+    assert ar.target.model.encoder.encoder.conv1.weight.dtype == torch.bfloat16
+    assert ar.target.model.decoder is base.model.decoder and base.model.encoder.conv1.weight.dtype == torch.float32
+    reference = [r.tokens for r in ar.transcribe(audios, language="en")]
+    results = specasr.transcribe(audios, language="en")
+    assert [r.tokens for r in results] == reference
+    assert sum(r.stats.accepted_tokens for r in results) > 0.5 * sum(r.stats.output_tokens for r in results)
+    assert sum(tokens == base_ar[e.id].tokens for tokens, e in zip(reference, english)) >= 6
+    with pytest.raises(InvalidRequestError, match="encoder_dtype must be one of"):
+        Transcriber(EngineConfig(encoder_dtype="int8"), target=base)

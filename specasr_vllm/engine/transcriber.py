@@ -14,7 +14,16 @@ import numpy as np
 import torch
 
 from specasr_vllm.audio import check_finite, log_mel_spectrogram
-from specasr_vllm.config import DEFAULT_DRAFT, HOP_LENGTH, METHODS, N_FRAMES, SAMPLE_RATE, DecodeOptions, EngineConfig
+from specasr_vllm.config import (
+    DEFAULT_DRAFT,
+    DTYPES,
+    HOP_LENGTH,
+    METHODS,
+    N_FRAMES,
+    SAMPLE_RATE,
+    DecodeOptions,
+    EngineConfig,
+)
 from specasr_vllm.engine.alignment import align_windows, assign_words
 from specasr_vllm.engine.ar import decode_ar
 from specasr_vllm.engine.decoded import Decoded
@@ -29,6 +38,7 @@ from specasr_vllm.models.registry import ASRModel, load_model
 from specasr_vllm.models.rules import WhisperRules
 from specasr_vllm.models.sampling import Sampling
 from specasr_vllm.models.tokenizer import WhisperTokenizer
+from specasr_vllm.models.whisper import with_encoder_dtype
 from specasr_vllm.speculation import Drafter, SpecStats
 
 
@@ -100,8 +110,16 @@ class Transcriber:
             raise InvalidRequestError("batch_size must be at least 1")
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        for name, value in (("dtype", self.config.dtype), ("encoder_dtype", self.config.encoder_dtype or "float32")):
+            if value not in DTYPES:
+                raise InvalidRequestError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
         dtype = getattr(torch, self.config.dtype)
         self.target = target or load_model(self.config.model, self.config.device, dtype)
+        if self.config.encoder_dtype is not None:
+            if isinstance(self.target.model, CompiledWhisper):
+                raise ValueError("encoder_dtype needs the target's eager module (the engine compiles it after)")
+            self.target = dataclasses.replace(
+                self.target, model=with_encoder_dtype(self.target.model, getattr(torch, self.config.encoder_dtype)))
         if self.config.compile and not isinstance(self.target.model, CompiledWhisper):  # the caller's stays eager
             self.target = dataclasses.replace(self.target, model=CompiledWhisper(self.target.model))
         self.rules = WhisperRules(self.target)

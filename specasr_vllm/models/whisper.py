@@ -9,6 +9,7 @@ caller can crop and compact.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -217,6 +218,30 @@ class Decoder(nn.Module):
         self.embed_positions = nn.Embedding(dims.max_target_positions, d)
         self.layers = nn.ModuleList(DecoderLayer(d, dims.decoder_heads, dims.decoder_ffn) for _ in range(dims.decoder_layers))
         self.layer_norm = nn.LayerNorm(d)
+
+
+class CastEncoder(nn.Module):
+    """A copy of an encoder that computes in another dtype behind the original's interface (mel in, states out
+    in the original's dtype). Why: on a CPU with native bfloat16 (AMX) whisper-base's encoder runs a 30 s window
+    ~3x faster in bfloat16 (compiled: 355 -> 120 ms on the Xeon), while the decoder, which decides every token,
+    keeps its own dtype; speculative decoding then still reproduces AR token for token, both reading the same
+    features (``with_encoder_dtype``)."""
+
+    def __init__(self, encoder: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder).to(dtype)
+        self.dtype = next(encoder.parameters()).dtype
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.encoder(mel.to(next(self.encoder.parameters()).dtype)).to(self.dtype)
+
+
+def with_encoder_dtype(model: Whisper, dtype: torch.dtype) -> Whisper:
+    """``model`` with its encoder computing in ``dtype`` (a ``CastEncoder``; the decoder shared, not copied), or
+    ``model`` itself where the encoder already does."""
+    if next(model.encoder.parameters()).dtype == dtype:
+        return model
+    return Whisper(model.dims, encoder=CastEncoder(model.encoder, dtype), decoder=model.decoder).eval()
 
 
 class Whisper(nn.Module):

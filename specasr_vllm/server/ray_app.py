@@ -77,9 +77,9 @@ def _flag(value: str | bool) -> bool:
 
 
 _ENGINE_ARGS = {"engine": str, "model": str, "draft": str, "method": str, "threads": int, "batch_size": int,
-                "device": str, "dtype": str, "compile": _flag, "vllm_args": str}
+                "device": str, "dtype": str, "encoder_dtype": str, "compile": _flag, "vllm_args": str}
 ENGINES = ("embedded", "vllm")
-_EMBEDDED_ONLY = ("threads", "device", "dtype", "tree", "concurrent_draft")  # vLLM has its own ways, or none
+_EMBEDDED_ONLY = ("threads", "device", "dtype", "encoder_dtype", "tree", "concurrent_draft")  # vLLM has its own ways, or none
 _SPEC_ARGS = {"k": int, "adaptive": _flag, "recycling": _flag, "tree": _flag, "concurrent_draft": _flag}
 _SERVER_ARGS = {"api_key": str, "served_model_name": str, "max_upload_mb": float, "max_audio_seconds": float,
                 "max_queue": int}
@@ -132,8 +132,8 @@ def app_builder(args: dict[str, str]) -> Application:
     """Serve's application builder: ``serve run specasr_vllm.server.ray_app:app_builder model=whisper-base``.
 
     Accepts ``engine`` (``embedded``, the default, or ``vllm``); the engine's ``model``, ``draft``, ``method``,
-    ``threads``, ``batch_size``, ``device``, ``dtype``, ``compile`` (embedded only: ``threads``, ``device``,
-    ``dtype``; vLLM only: ``vllm_args``, more vLLM engine options in one string); its
+    ``threads``, ``batch_size``, ``device``, ``dtype``, ``encoder_dtype``, ``compile`` (embedded only: ``threads``,
+    ``device``, ``dtype``, ``encoder_dtype``; vLLM only: ``vllm_args``, more vLLM engine options in one string); its
     SpecConfig switches ``k``, ``adaptive``, ``recycling``, ``tree``, ``concurrent_draft``; the server's
     ``api_key``, ``served_model_name``, ``max_upload_mb``, ``max_audio_seconds``, ``max_queue``; and the
     deployment's ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ``num_cpus``, ``num_gpus``

@@ -22,7 +22,6 @@ faster keeps the output exact and only changes how often drafts are accepted:
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -35,7 +34,7 @@ from specasr_vllm.models.kv_cache import DecoderCache, FixedView, OneRowView
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import Suppression
 from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, padded_step
-from specasr_vllm.models.whisper import StepInputs, Whisper, block_step, row_step
+from specasr_vllm.models.whisper import StepInputs, Whisper, block_step, row_step, with_encoder_dtype
 
 
 class DraftModel:
@@ -50,7 +49,7 @@ class DraftModel:
         graphs = compile and not on_cpu if graphs is None else graphs
         encoder = asr.model
         if on_cpu and config.draft_bf16_encoder and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            encoder = Whisper(asr.model.dims, encoder=_Bfloat16(asr.model.encoder), decoder=asr.model.decoder)
+            encoder = with_encoder_dtype(asr.model, torch.bfloat16)
         self._encoder = CompiledWhisper(encoder) if compile and on_cpu else encoder  # eager on a GPU
         tok = asr.tokenizer
         vocab = self.model.dims.vocab_size
@@ -220,18 +219,6 @@ def _frozen(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.jit.Sc
     with warnings.catch_warnings():  # the tracer warns about Python values it records as constants
         warnings.simplefilter("ignore")
         return torch.jit.freeze(torch.jit.trace(module.eval(), inputs, check_trace=False))
-
-
-class _Bfloat16(nn.Module):
-    """A bfloat16 copy of an encoder behind its float interface: float features in, float states out."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = copy.deepcopy(encoder).to(torch.bfloat16)
-        self.dtype = next(encoder.parameters()).dtype
-
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.encoder(mel.to(torch.bfloat16)).to(self.dtype)
 
 
 def _log_probs(logits: torch.Tensor, suppress: torch.Tensor) -> torch.Tensor:
