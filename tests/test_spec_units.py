@@ -320,3 +320,20 @@ def test_the_drafts_encoder_reads_the_audios_frames_rounded_up_to_the_devices_mu
     assert draft_features(80, mel, audio, unpadded=True, multiple=1000).shape == (80, 2000)  # a GPU's buckets
     assert draft_features(80, mel, np.zeros(29 * 16000, dtype=np.float32), True, 1000).shape == (80, 3000)
     assert draft_features(80, mel, audio, unpadded=False, multiple=1000).shape == (80, 3000)
+
+
+@pytest.mark.real
+def test_warm_encodes_every_input_length_the_drafts_encoder_meets(tiny_en):
+    """``DraftModel.warm`` runs the encoder at every multiple of ``frame_multiple`` up to a window (a new length
+    pays for its own kernel setup), and every request's input is one of those lengths."""
+    from specasr_vllm.config import N_FRAMES, SpecConfig
+    from specasr_vllm.speculation.draft_model import DraftModel
+
+    draft = DraftModel(tiny_en, SpecConfig())
+    lengths = []
+    draft.encode = lambda mel: lengths.append(mel.shape[-1])
+    draft.warm(draft.empty_cache(1))
+    assert lengths == list(range(draft.frame_multiple, N_FRAMES + 1, draft.frame_multiple)) and len(lengths) == 30
+    audio = np.zeros(7 * 16000 + 123, dtype=np.float32)
+    frames = draft_features(80, torch.zeros(80, N_FRAMES), audio, True, draft.frame_multiple).shape[1]
+    assert frames in lengths and frames >= 7 * 100

@@ -154,7 +154,6 @@ class Transcriber:
         began = time.perf_counter()
         self.target.model.warm(rows=self.config.batch_size, cache=self.cache)
         if self.drafter is not None:
-            self.drafter.draft.encode(torch.zeros(1, self.target.n_mels, N_FRAMES // 3, device=self.drafter.device))
             self.drafter.warm()
             self._time_ar_step()
         return time.perf_counter() - began

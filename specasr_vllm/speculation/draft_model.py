@@ -79,11 +79,13 @@ class DraftModel:
         self.run_length = config.draft_run if graphs else 1
         self._runs = StepGraphs(_DraftRun(self.model, self.head, self.suppress, self.begin_suppress, self.ids,
                                           self.run_length), device) if self.run_length > 1 else None
-        # the encoder's input is cut to the audio's frames (``SpecConfig.draft_unpadded``), rounded up to this: any
-        # even count on a CPU, whose compiled encoder serves every length; a third of a window on a GPU, where the
-        # eager encoder is launch-bound (padding costs it nothing) and the first call at each length pays for its
-        # own setup (H200, fp16: 60 ms against 1.5 ms at a repeated length), so it meets three, all seen in ``warm``
-        self.frame_multiple = 2 if on_cpu else N_FRAMES // 3
+        # the encoder's input is cut to the audio's frames (``SpecConfig.draft_unpadded``), rounded up to this, and
+        # ``warm`` encodes every such length once: the first call at a length pays for its own setup (oneDNN's
+        # kernels for the shape) and requests rarely share one. On a CPU a second of audio: 30 lengths (Xeon, 32
+        # dev files, interleaved, with the cross K/V: 40 ms a file at new even lengths, 33 ms at warmed whole
+        # seconds, the padding included); on a GPU a third of a window, where the eager encoder is launch-bound (padding costs it
+        # nothing) and a new length is dear (H200, fp16: 60 ms against 1.5 ms at a repeated length)
+        self.frame_multiple = N_FRAMES // 30 if on_cpu else N_FRAMES // 3
 
     @property
     def device(self) -> torch.device:
@@ -149,18 +151,16 @@ class DraftModel:
         return out.cpu()
 
     def warm(self, cache: DecoderCache, rows: int = 1, reserve: int = 1) -> None:
-        """Capture the step graphs now, on ``cache`` (the drafter's), for one row and for ``rows`` rows at every
-        bucketed width (``step_graphs.WIDTHS``); the cache is first grown to ``reserve`` rows (with the tree's
-        branch rows) and a 30 s window's frames, so that requests within those bounds never move it. Nothing
-        to do without graphs."""
+        """Run the encoder once at every input length requests meet (``frame_multiple``), and capture the step
+        graphs now, on ``cache`` (the drafter's), for one row and for ``rows`` rows at every bucketed width
+        (``step_graphs.WIDTHS``); the cache is first grown to ``reserve`` rows (with the tree's branch rows) and a
+        30 s window's frames, so that requests within those bounds never move it."""
+        d = self.model.dims
+        for frames in range(self.frame_multiple, N_FRAMES + 1, self.frame_multiple):
+            features = self.encode(torch.zeros(1, d.n_mels, frames, device=self.device))
         if self.graphs is None:
             return
-        d = self.model.dims
         cache.reserve(max(rows, reserve), d.max_source_positions)
-        if self.device.type == "cuda":  # the shorter lengths requests meet (``frame_multiple``)
-            for frames in range(self.frame_multiple, N_FRAMES, self.frame_multiple):
-                self.encode(torch.zeros(1, d.n_mels, frames, device=self.device))
-        features = self.encode(torch.zeros(1, d.n_mels, N_FRAMES, device=self.device))
         for batch in sorted({1, rows}):
             claimed = cache.claim(*self.cross_kv(features.repeat(batch, 1, 1)))
             try:
