@@ -337,3 +337,20 @@ def test_warm_encodes_every_input_length_the_drafts_encoder_meets(tiny_en):
     audio = np.zeros(7 * 16000 + 123, dtype=np.float32)
     frames = draft_features(80, torch.zeros(80, N_FRAMES), audio, True, draft.frame_multiple).shape[1]
     assert frames in lengths and frames >= 7 * 100
+
+
+def test_speculative_decoding_on_a_cpu_is_refused_below_float32():
+    """bfloat16 logits round differently in a verification pass and a one-token step (SpecASR matched AR on 13 of
+    16 dev files): refused before any model loads; AR in bfloat16 and the speculative engine on a GPU are not."""
+    from specasr_vllm.config import EngineConfig
+    from specasr_vllm.engine import Transcriber
+    from specasr_vllm.errors import InvalidRequestError
+
+    for method in ("sd", "specasr"):
+        with pytest.raises(InvalidRequestError, match="decodes in float32 only.*--encoder-dtype bfloat16"):
+            Transcriber(EngineConfig(method=method, dtype="bfloat16", model="no-such-model"))
+    for config in (EngineConfig(method="ar", dtype="bfloat16", model="no-such-model"),
+                   EngineConfig(method="specasr", dtype="float16", device="cuda", model="no-such-model")):
+        with pytest.raises(Exception) as passed:  # past the check: it fails only at loading the missing model
+            Transcriber(config)
+        assert "float32 only" not in str(passed.value) and "no-such-model" in str(passed.value)

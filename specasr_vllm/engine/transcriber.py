@@ -113,6 +113,12 @@ class Transcriber:
         for name, value in (("dtype", self.config.dtype), ("encoder_dtype", self.config.encoder_dtype or "float32")):
             if value not in DTYPES:
                 raise InvalidRequestError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+        if self.config.method != "ar" and self.config.dtype != "float32" and torch.device(self.config.device).type == "cpu":
+            # 16 English dev files, the target in bfloat16: SpecASR gave AR's tokens on 13 (compiled) and 14 (eager)
+            raise InvalidRequestError(
+                f"--method {self.config.method} on a CPU decodes in float32 only: in {self.config.dtype} a verification "
+                "pass and a one-token step round differently and speculative output would not be AR's; "
+                "--encoder-dtype bfloat16 speeds up the encoder and keeps it")
         dtype = getattr(torch, self.config.dtype)
         self.target = target or load_model(self.config.model, self.config.device, dtype)
         if self.config.encoder_dtype is not None:
