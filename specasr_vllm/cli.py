@@ -77,8 +77,9 @@ def _engine_args(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help=f"weights and activations of both models (default: {EngineConfig.dtype})")
     p.add_argument("--encoder-dtype", default=None, choices=DTYPES,
-                   help="the target's encoder alone in this dtype (default: --dtype); bfloat16 runs it ~3x faster on "
-                        "a CPU with AMX, the decoder keeping --dtype (speculative output stays AR's)")
+                   help="the target's encoder and cross-attention keys/values over the audio in this dtype (default: "
+                        "--dtype); bfloat16 runs them ~3x faster on a CPU with AMX, the decoder keeping --dtype "
+                        "(speculative output stays AR's)")
     p.add_argument("--method", default=method, choices=METHODS,
                    help="ar: greedy; sd: fixed-length speculative decoding; specasr: adaptive + recycling "
                         "(default: %(default)s)")

@@ -65,15 +65,16 @@ def test_batches_wider_than_max_batch_decode_as_ar(base, tiny_en, manifest, dev_
 
 
 def test_bfloat16_encoder_keeps_speculative_output_identical_to_ar(base, tiny_en, manifest, dev_audio, base_ar):
-    """``EngineConfig.encoder_dtype``: the target's encoder computes in bfloat16 and its decoder in float32 (the
-    caller's model untouched); AR and SpecASR (every row drafting, batched) read the same features and agree token
-    for token; the features move little, so most transcripts stay float32's (63 of 64 English dev files)."""
+    """``EngineConfig.encoder_dtype``: the target's encoder and cross K/V compute in bfloat16 and its decoder in
+    float32 (the caller's model untouched); AR and SpecASR (every row drafting, batched) read the same K/V and
+    agree token for token; the K/V move little, so most transcripts stay float32's (63 of 64 English dev files)."""
     english = [e for e in manifest if e.language == "en"][:8]
     audios = [dev_audio[e.id] for e in english]
     spec = SpecConfig.for_method("specasr", max_batch=8, fallback_after=10**6)
     ar, specasr = (Transcriber(EngineConfig(method=method, encoder_dtype="bfloat16", spec=spec if draft else None),
                                target=base, draft=draft) for method, draft in (("ar", None), ("specasr", tiny_en)))
-    assert ar.target.model.encoder.encoder.conv1.weight.dtype == torch.bfloat16
+    assert ar.target.model.encoder.module.conv1.weight.dtype == torch.bfloat16
+    assert ar.target.model.cross[0][0].module.weight.dtype == torch.bfloat16  # the cross K/V over the audio too
     assert ar.target.model.decoder is base.model.decoder and base.model.encoder.conv1.weight.dtype == torch.float32
     reference = [r.tokens for r in ar.transcribe(audios, language="en")]
     results = specasr.transcribe(audios, language="en")

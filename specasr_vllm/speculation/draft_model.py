@@ -34,7 +34,7 @@ from specasr_vllm.models.kv_cache import DecoderCache, FixedView, OneRowView
 from specasr_vllm.models.registry import ASRModel
 from specasr_vllm.models.rules import Suppression
 from specasr_vllm.models.step_graphs import WIDTHS, StepGraphs, padded_step
-from specasr_vllm.models.whisper import StepInputs, Whisper, block_step, row_step, with_encoder_dtype
+from specasr_vllm.models.whisper import Cast, StepInputs, Whisper, block_step, row_step
 
 
 class DraftModel:
@@ -49,7 +49,7 @@ class DraftModel:
         graphs = compile and not on_cpu if graphs is None else graphs
         encoder = asr.model
         if on_cpu and config.draft_bf16_encoder and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            encoder = with_encoder_dtype(asr.model, torch.bfloat16)
+            encoder = Whisper(asr.model.dims, encoder=Cast(asr.model.encoder, torch.bfloat16), decoder=asr.model.decoder)
         self._encoder = CompiledWhisper(encoder) if compile and on_cpu else encoder  # eager on a GPU
         tok = asr.tokenizer
         vocab = self.model.dims.vocab_size
