@@ -56,8 +56,8 @@ LONG_FORM_S = 30.0  # files longer than one window: decoded window after window 
 
 def build_methods(names: list[str], model: str, draft: str, threads: int, batch_size: int = 1,
                   encoder_dtype: str | None = None) -> tuple[list, dict[str, str]]:
-    """The methods by name; ``encoder_dtype`` runs our target's encoder in that dtype (``EngineConfig``) in every
-    row of our engine (vLLM's and the peers' rows keep theirs)."""
+    """The methods by name; ``encoder_dtype``: our target's encoder and cross K/V in that dtype
+    (``EngineConfig.encoder_dtype``) in every row of our engine (vLLM's and the peers' rows keep theirs)."""
     target = load_model(model)
     ours = target if encoder_dtype is None else \
         dataclasses.replace(target, model=with_encoder_dtype(target.model, getattr(torch, encoder_dtype)))
@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--draft", default=DEFAULT_DRAFT)
     p.add_argument("--encoder-dtype", default=None, choices=DTYPES,
-                   help="our target's encoder in this dtype (EngineConfig.encoder_dtype), in every row of our engine")
+                   help="our target's encoder and cross K/V in this dtype (EngineConfig.encoder_dtype), in every "
+                        "row of our engine")
     p.add_argument("--quick", action="store_true", help="3 files, 1 repetition, a few methods (for CI)")
     p.add_argument("--out", default=str(RESULTS), help="directory for the results")
     p.add_argument("--name", default=None, help="run name (default: a timestamp)")

@@ -83,8 +83,8 @@ class DraftModel:
         # ``warm`` encodes every such length once: the first call at a length pays for its own setup (oneDNN's
         # kernels for the shape) and requests rarely share one. On a CPU a second of audio: 30 lengths (Xeon, 32
         # dev files, interleaved, with the cross K/V: 40 ms a file at new even lengths, 33 ms at warmed whole
-        # seconds, the padding included); on a GPU a third of a window, where the eager encoder is launch-bound (padding costs it
-        # nothing) and a new length is dear (H200, fp16: 60 ms against 1.5 ms at a repeated length)
+        # seconds, the padding included); on a GPU a third of a window, where the eager encoder is launch-bound
+        # (padding costs it nothing) and a new length is dear (H200, fp16: 60 ms against 1.5 ms at a repeated one)
         self.frame_multiple = N_FRAMES // 30 if on_cpu else N_FRAMES // 3
 
     @property
