@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from specasr_vllm.audio import log_mel_spectrogram
-from specasr_vllm.config import VLLM_SETTINGS_FILE, VLLMPluginConfig
+from specasr_vllm.config import N_FRAMES, VLLM_SETTINGS_FILE, VLLMPluginConfig
 from specasr_vllm.errors import UnsupportedVLLMError
 from specasr_vllm.speculation.adaptive import Costs
 from specasr_vllm.vllm_plugin import hooks, launch, proposer, version
@@ -409,6 +409,19 @@ def fixed_length_proposer(v, base_dir, whisper_hf_config, tmp_path, monkeypatch)
     two ``propose`` calls is the test's, not a target pass's, so the cost-based rules would judge nonsense."""
     monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
     return _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch=2)
+
+
+def test_the_proposer_warms_its_draft_while_vllm_loads_the_model(v, base_dir, whisper_hf_config, tmp_path,
+                                                                   monkeypatch):
+    """``load_model`` (vLLM calls it before serving) runs the draft's encoder at every input length, in inference
+    mode as ``propose`` does (a compiled encoder is guarded on the mode): the first request compiles nothing."""
+    monkeypatch.setenv("SPECASR_CACHE_DIR", str(tmp_path))
+    p = _fixed_length_proposer(v, base_dir, whisper_hf_config, max_batch=1)
+    draft, calls = p.drafter.draft, []
+    encode = draft.encode
+    draft.encode = lambda mel: (calls.append((mel.shape[-1], torch.is_inference_mode_enabled())), encode(mel))[1]
+    p.load_model(None)
+    assert calls == [(frames, True) for frames in range(draft.frame_multiple, N_FRAMES + 1, draft.frame_multiple)]
 
 
 def test_requests_that_arrive_beside_others_never_draft(v, base_dir, whisper_hf_config, tmp_path, monkeypatch,

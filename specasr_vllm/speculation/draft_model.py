@@ -151,13 +151,20 @@ class DraftModel:
         return out.cpu()
 
     def warm(self, cache: DecoderCache, rows: int = 1, reserve: int = 1) -> None:
-        """Run the encoder once at every input length requests meet (``frame_multiple``), and capture the step
-        graphs now, on ``cache`` (the drafter's), for one row and for ``rows`` rows at every bucketed width
+        """Before serving, on ``cache`` (the drafter's): run the encoder once at every input length requests meet
+        (``frame_multiple``; the first call also compiles it), trace the one-row graph (a CPU with ``compile``),
+        and capture the step graphs (a GPU) for one row and for ``rows`` rows at every bucketed width
         (``step_graphs.WIDTHS``); the cache is first grown to ``reserve`` rows (with the tree's branch rows) and a
         30 s window's frames, so that requests within those bounds never move it."""
         d = self.model.dims
         for frames in range(self.frame_multiple, N_FRAMES + 1, self.frame_multiple):
             features = self.encode(torch.zeros(1, d.n_mels, frames, device=self.device))
+        if self._graph_step:
+            claimed = cache.claim(*self.cross_kv(features))
+            try:
+                self.choices(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache, claimed, None, None, {})
+            finally:
+                cache.release(claimed)
         if self.graphs is None:
             return
         cache.reserve(max(rows, reserve), d.max_source_positions)

@@ -133,8 +133,9 @@ class Drafter:
         return self.draft.device
 
     def warm(self) -> None:
-        """Capture the draft's step graphs on this drafter's cache before serving (on a GPU; else nothing);
-        its rows reserved for ``max_batch`` requests and, with the tree, each one's branches."""
+        """Compile and trace what the draft's first request would otherwise wait for (``DraftModel.warm``: its
+        encoder at every input length, its step graphs on this drafter's cache, rows reserved on a GPU for
+        ``max_batch`` requests and, with the tree, each one's branches)."""
         branches = self.config.tree_branches if self.config.tree else 0
         self.draft.warm(self.cache, self.config.max_batch, self.config.max_batch * (1 + branches))
 
