@@ -153,8 +153,9 @@ class Transcriber:
 
     def warm(self) -> float:
         """Compile now what the first requests would otherwise wait for (a server calls this before it
-        serves): the target's graphs for one row and for a full batch, the draft's encoder and, on a GPU, the
-        draft's captured steps. Returns the seconds it took (0 with eager modules)."""
+        serves): the target's graphs for one row and for a full batch, the draft's encoder at every input length
+        and its steps (``Drafter.warm``), and an AR step's price. Returns the seconds it took (0 with eager
+        modules)."""
         if not isinstance(self.target.model, CompiledWhisper):
             return 0.0
         began = time.perf_counter()
