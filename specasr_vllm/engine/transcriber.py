@@ -110,14 +110,15 @@ class Transcriber:
             raise InvalidRequestError("batch_size must be at least 1")
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        for name, value in (("dtype", self.config.dtype), ("encoder_dtype", self.config.encoder_dtype or "float32")):
-            if value not in DTYPES:
+        for name, value in (("dtype", self.config.dtype), ("encoder_dtype", self.config.encoder_dtype)):
+            if value not in DTYPES and not (name == "encoder_dtype" and value is None):
                 raise InvalidRequestError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
-        if self.config.method != "ar" and self.config.dtype != "float32" and torch.device(self.config.device).type == "cpu":
+        on_cpu = torch.device(self.config.device).type == "cpu"
+        if self.config.method != "ar" and self.config.dtype != "float32" and on_cpu:
             # 16 English dev files, the target in bfloat16: SpecASR gave AR's tokens on 13 (compiled) and 14 (eager)
             raise InvalidRequestError(
-                f"--method {self.config.method} on a CPU decodes in float32 only: in {self.config.dtype} a verification "
-                "pass and a one-token step round differently and speculative output would not be AR's; "
+                f"--method {self.config.method} on a CPU decodes in float32 only: in {self.config.dtype} a "
+                "verification pass and a one-token step round differently and speculative output would not be AR's; "
                 "--encoder-dtype bfloat16 speeds up the encoder and keeps it")
         dtype = getattr(torch, self.config.dtype)
         self.target = target or load_model(self.config.model, self.config.device, dtype)

@@ -244,8 +244,8 @@ def with_encoder_dtype(model: Whisper, dtype: torch.dtype) -> Whisper:
     K/V. 63 of 64 English dev transcripts were unchanged, the same with the cross K/V in bfloat16 or not."""
     if next(model.encoder.parameters()).dtype == dtype:
         return model
-    cross = nn.ModuleList(nn.ModuleList([Cast(layer.encoder_attn.k_proj, dtype), Cast(layer.encoder_attn.v_proj, dtype)])
-                          for layer in model.decoder.layers)
+    cross = nn.ModuleList(nn.ModuleList([Cast(layer.encoder_attn.k_proj, dtype),
+                                         Cast(layer.encoder_attn.v_proj, dtype)]) for layer in model.decoder.layers)
     return Whisper(model.dims, encoder=Cast(model.encoder, dtype), decoder=model.decoder, cross=cross).eval()
 
 

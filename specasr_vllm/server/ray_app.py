@@ -79,7 +79,8 @@ def _flag(value: str | bool) -> bool:
 _ENGINE_ARGS = {"engine": str, "model": str, "draft": str, "method": str, "threads": int, "batch_size": int,
                 "device": str, "dtype": str, "encoder_dtype": str, "compile": _flag, "vllm_args": str}
 ENGINES = ("embedded", "vllm")
-_EMBEDDED_ONLY = ("threads", "device", "dtype", "encoder_dtype", "tree", "concurrent_draft")  # vLLM has its own ways, or none
+# vLLM has its own ways for these, or none
+_EMBEDDED_ONLY = ("threads", "device", "dtype", "encoder_dtype", "tree", "concurrent_draft")
 _SPEC_ARGS = {"k": int, "adaptive": _flag, "recycling": _flag, "tree": _flag, "concurrent_draft": _flag}
 _SERVER_ARGS = {"api_key": str, "served_model_name": str, "max_upload_mb": float, "max_audio_seconds": float,
                 "max_queue": int}

@@ -49,7 +49,8 @@ class DraftModel:
         graphs = compile and not on_cpu if graphs is None else graphs
         encoder = asr.model
         if on_cpu and config.draft_bf16_encoder and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            encoder = Whisper(asr.model.dims, encoder=Cast(asr.model.encoder, torch.bfloat16), decoder=asr.model.decoder)
+            encoder = Whisper(asr.model.dims, encoder=Cast(asr.model.encoder, torch.bfloat16),
+                              decoder=asr.model.decoder)
         self._encoder = CompiledWhisper(encoder) if compile and on_cpu else encoder  # eager on a GPU
         tok = asr.tokenizer
         vocab = self.model.dims.vocab_size
@@ -116,11 +117,12 @@ class DraftModel:
             for b, i in begin.items():
                 at_begin[b, i] = True
             at_begin = at_begin.to(self.device, non_blocking=True)
+        block = rows == list(range(rows[0], rows[0] + batch))  # contiguous rows: one view of the cache serves them
         if self._graph_step and batch == 1:
             return self._row_graph(tokens, cache, rows[0], tree_mask, depths, at_begin)
-        if self._graph_step and n == 1 and rows == list(range(rows[0], rows[0] + batch)):
+        if self._graph_step and n == 1 and block:
             return self._block_graph(tokens, cache, rows, at_begin)
-        if self.graphs is not None and rows == list(range(rows[0], rows[0] + batch)):
+        if self.graphs is not None and block:
             return self._replay(tokens, cache, rows, tree_mask, depths, at_begin)
         logits = self.model.decode(tokens, cache, rows, tree_mask, depths, head=self.head)
         return _choose(logits, self.suppress, self.begin_suppress, at_begin, self.ids).cpu()
