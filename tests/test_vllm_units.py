@@ -453,6 +453,30 @@ def test_requests_that_arrive_beside_others_never_draft(v, base_dir, whisper_hf_
     assert len(p.propose([[50]], alone.lengths.copy(), alone.tokens)[0]) > 0  # arrived alone: drafts
 
 
+def test_a_request_finished_in_a_step_without_a_model_run_is_forgotten(fixed_length_proposer, v, base, manifest,
+                                                                       dev_audio):
+    """A request that finishes with no other left: vLLM names it in the next step's scheduler output, a step that
+    runs no model, so no ``propose`` ever sees that name; the runner has dropped it, and the next ``propose``
+    forgets it and frees its draft row (else every later draft step computed its row too)."""
+    p = fixed_length_proposer
+    first, second = [e for e in manifest if e.language == "en"][:2]
+    prompt = base.tokenizer.prefix("en")
+    requests = {e.id: _request(v, e.id, prompt, dev_audio[e.id]) for e in (first, second)}
+    runner = vllm_fake(v.GPUModelRunner, input_batch=vllm_fake(v.InputBatch, req_ids=[first.id]),
+                       requests={first.id: requests[first.id]})
+    slots = _Slots([prompt])
+    slots.append(0, [50])
+    p.bind(runner, _step(v))
+    assert len(p.propose([[50]], slots.lengths.copy(), slots.tokens)[0]) > 0
+    assert p.drafter.requests[first.id].row is not None  # it drafted: it holds a draft row
+    runner.requests, runner.input_batch.req_ids = {second.id: requests[second.id]}, [second.id]  # as vLLM's runner
+    slots = _Slots([prompt])
+    slots.append(0, [50])
+    p.bind(runner, _step(v))  # the first request's name went to a step that ran no model
+    assert len(p.propose([[50]], slots.lengths.copy(), slots.tokens)[0]) > 0
+    assert list(p.drafter.requests) == [second.id] and p.drafter._live_rows() == [0]
+
+
 def test_the_first_request_times_a_step_without_drafts_before_drafting(v, base_dir, whisper_hf_config, tmp_path,
                                                                        monkeypatch, base, manifest, dev_audio):
     """A fresh proposer proposes nothing until ``Costs.FIRST`` (3) of vLLM's steps without drafts have been timed:

@@ -5,8 +5,8 @@ vLLM calls ``propose`` once per step with each batch slot's tokens and newly sam
 plain hook lacks (request ids, the audio, notice of finished or preempted requests) the general
 plugin (``hooks.py``) hands over through ``bind`` just before each call, from the model runner.
 
-Per step: forget requests vLLM finished or preempted; start new ones (the draft encoder runs on the
-log-mel features vLLM computed for the target); turn how many of last step's draft tokens were
+Per step: forget requests vLLM finished or preempted (``_gone``); start new ones (the draft encoder runs
+on the log-mel features vLLM computed for the target); turn how many of last step's draft tokens were
 accepted (the length of each slot's newly sampled ids, minus the bonus token) into the drafter's
 feedback; then ask the engine-agnostic ``Drafter`` (``speculation/``: adaptive length, recycling, the token
 bridge) for each request's chain. vLLM 0.32 verifies one chain per request, so the tree's second pass
@@ -92,7 +92,7 @@ class SpecASRProposer:
         self._raise_if_unbound()
         started = time.perf_counter()
         sched = self.scheduler_output
-        self._forget(set(sched.finished_req_ids) | set(sched.preempted_req_ids or ()))
+        self._forget(self._gone(sched))
         req_ids = list(self.runner.input_batch.req_ids[: len(sampled_token_ids)])
         new = [rid for rid in req_ids if rid not in self._prompt_len]
         self._start(new)
@@ -158,6 +158,16 @@ class SpecASRProposer:
                 self.drafter.decline([rid], "a seeded sampled request (reproducible only without drafts)")
             elif params is not None and params.max_tokens == 1:  # language detection: the draft encoder would idle
                 self.drafter.decline([rid], "one token to generate: nothing to draft")
+
+    def _gone(self, sched: Any) -> set[str]:
+        """Requests to forget: those this step's scheduler output says finished or were preempted, and those the
+        runner no longer holds. vLLM names a finished request in the next step's scheduler output, but where no
+        request is left that step runs no model and ``propose`` never sees it (a window of our long form, a
+        server's request made alone): such requests stayed in the drafter, their draft rows stepped in every
+        later draft step (4 rows, 17 requests after 12 long-form windows one at a time)."""
+        held = self.runner.requests
+        stale = {rid for rid in self._prompt_len if rid not in held}
+        return stale | set(sched.finished_req_ids) | set(sched.preempted_req_ids or ())
 
     def _forget(self, gone: set[str]) -> None:
         known = [rid for rid in gone if rid in self._prompt_len]
