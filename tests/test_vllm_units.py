@@ -365,7 +365,7 @@ def test_launcher_runs_vllm_on_the_v1_runner(monkeypatch):
 
 
 @pytest.mark.skipif(not version.is_cpu_build() or launch.intel_openmp() is None,
-                    reason="vLLM's CPU wheel brings intel-openmp; this vLLM is not the CPU wheel")
+                    reason="needs vLLM's CPU wheel and the intel-openmp wheel it depends on")
 def test_vllm_on_a_cpu_runs_on_intels_openmp_unless_the_user_preloads_a_runtime():
     runtime = launch.intel_openmp()
     assert runtime.name == "libiomp5.so" and runtime.is_file()

@@ -38,6 +38,7 @@ from specasr_vllm.vllm_plugin.version import is_cpu_build
 PROPOSER = "specasr_vllm.vllm_plugin.SpecASRProposer"
 ENCODER_POSITIONS = N_FRAMES // 2  # one Whisper encoder input: vLLM must fit it into one step's token budget
 CPU_KV_FRACTION = 0.3  # on CPU vLLM reads this as the share of RAM for KV cache; its 0.92 default fails
+OPENMP_RUNTIMES = ("libiomp", "libgomp", "libomp")  # what vLLM's CPU platform looks for in LD_PRELOAD
 
 
 def serving_dir(model: str, settings: VLLMPluginConfig) -> Path:
@@ -126,9 +127,6 @@ def variables(base: Mapping[str, str] = os.environ) -> dict[str, str]:
         if runtime is not None and not any(name in preload for name in OPENMP_RUNTIMES):
             ours["LD_PRELOAD"] = ":".join(filter(None, [preload, str(runtime)]))
     return ours
-
-
-OPENMP_RUNTIMES = ("libiomp", "libgomp", "libomp")  # what vLLM's CPU platform looks for in LD_PRELOAD
 
 
 def intel_openmp() -> Path | None:
