@@ -126,7 +126,9 @@ class SpecConfig:
     min_chain: int = 2  # with concurrent drafting: sequential draft steps only top a chain up to this
     draft_unpadded: bool = True  # the draft's encoder sees the audio, not the padded 30 s window
     draft_int8: bool = True  # dynamic int8 quantisation of the draft's linear layers (CPU)
-    draft_bf16_encoder: bool = True  # the draft's encoder in bfloat16 on a CPU that has it natively (DraftModel)
+    # the draft's work over the audio in bfloat16 on a CPU that has it natively: its encoder, and its cross K/V,
+    # which a draft step of several rows is bound by reading (DraftModel)
+    draft_bf16_audio: bool = True
     draft_vocab: int | None = 16384  # the draft's output layer covers only the first N ids (BPE's most frequent)
     # greedy draft steps per call where the draft's steps are CUDA graphs (DraftModel.run): one replay drafts
     # this many tokens, the host reading them at once; steps past where the chain stops are wasted device work.
@@ -147,11 +149,11 @@ class SpecConfig:
     # where drafting paid (by max_loss, measured) for none of the last 4 requests judged, only every probe_every-th
     # new request drafts, to notice when it pays again; the others decode as AR from the start (Drafter.paid_lately)
     probe_every: int = 8
-    # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR; the
-    # vLLM proposer drafts nothing while more requests decode). On this 2-core CPU a target step for several
-    # rows costs little more than for one, so verifying drafts for a batch costs more than it saves (compiled,
-    # 32 dev files in batches of 8: decode 0.93x of AR drafting for every row, benchmarks/results/engines-b8)
-    max_batch: int = 1
+    # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR). A batch
+    # drafts together or not at all (Drafter.admit, judged together in Drafter.pays). The Xeon CPU, 32 dev files in
+    # batches of 8, compiled: decode 1.30-1.38x of AR once the draft's cross K/V were bfloat16 and its block graphs
+    # traced at warm-up (0.93-1.02x before: benchmarks/results/engines-b8, xeon-engines-b8-batchdraft)
+    max_batch: int = 8
     # where several requests draft in one pass, each tree has at most this many nodes: the target verifies every row
     # as wide as the longest tree, and draft steps run for every row until the longest chain stops
     batch_draft: int = 6
@@ -229,9 +231,10 @@ class VLLMPluginConfig:
     draft: str = DEFAULT_DRAFT  # a registry name or a local Hugging Face Whisper directory
     method: str = "specasr"  # "specasr" (adaptive length + recycling) or "sd" (fixed length k)
     spec: dict = field(default_factory=dict)  # SpecConfig overrides, e.g. {"max_draft": 16}
-    max_batch: int = SpecConfig.max_batch  # SpecConfig's rule, in vLLM's scheduler: a second request already
-    # fills this machine and verifying drafts costs more than it saves (benchmarks/results/vllm-*); an
-    # accelerator with room to spare wants a larger value.
+    max_batch: int = 1  # SpecConfig's rule, in vLLM's scheduler: with more requests decoding the proposer drafts
+    # nothing. One by default: vLLM's steps of several requests already fill this CPU (serve_load at concurrency 4
+    # and 8: 1.01x and 1.03x of vLLM alone with it; benchmarks/results/vllm-*), and drafting for several requests
+    # inside vLLM has not been measured to pay
 
     @classmethod
     def load(cls, model_dir: Path) -> VLLMPluginConfig:
@@ -239,5 +242,7 @@ class VLLMPluginConfig:
         return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
     def spec_config(self) -> SpecConfig:
-        """vLLM verifies one chain per request (no tree attention in 0.32) and owns the threads."""
-        return SpecConfig.for_method(self.method, **{**self.spec, "tree": False, "concurrent_draft": False})
+        """vLLM verifies one chain per request (no tree attention in 0.32) and owns the threads; the drafter's
+        ``max_batch`` is the proposer's (what it warms, and the widest pass it learns AR steps from)."""
+        return SpecConfig.for_method(self.method, **{**self.spec, "tree": False, "concurrent_draft": False,
+                                                     "max_batch": self.max_batch})

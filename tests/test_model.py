@@ -184,3 +184,24 @@ def test_chain_step_inputs_equal_an_explicit_causal_tree(starts, n, span):
     tree = step_inputs(starts, n, causal, torch.arange(n).expand(len(starts), n), span, [30] * len(starts), 40, cpu)
     for name in ("positions", "slots", "mask", "audio_mask"):
         assert torch.equal(getattr(chain, name), getattr(tree, name)), name
+
+
+def test_a_batch_that_loses_requests_keeps_its_rows_one_block_in_order(lean):
+    """``BatchRows.keep``: after requests end, the others sit in rows ``0 .. n - 1`` in the order of their positions,
+    so a compiled step reads them as one block (compaction alone leaves them out of order: rows 0, 2, 3, 1 here),
+    and each position still holds its own request's audio and tokens."""
+    from specasr_vllm.engine.rows import BatchRows
+
+    mel = torch.randn(5, lean.dims.n_mels, 3000)
+    tokens = torch.randint(0, 50000, (5, 4))
+    features = lean.encode(mel)
+    with BatchRows(lean, features) as batch:
+        lean.decode(tokens, batch.cache, batch.rows)
+        batch.keep([0, 2, 3, 4])  # request 1 ended; request 4 moves into its row
+        assert batch.rows == [0, 1, 2, 3] and batch.active == [0, 4, 2, 3]
+        new = torch.tensor([[7], [8], [9], [10]])
+        nxt = lean.decode(new, batch.cache, batch.rows)
+        ref, _ = _fresh(lean, mel[batch.active], torch.cat([tokens[batch.active], new], 1))
+        assert torch.allclose(nxt[:, 0], ref[:, -1], atol=1e-5)
+        batch.keep([])
+        assert batch.rows == [] and batch.active == []

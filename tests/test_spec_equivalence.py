@@ -141,6 +141,41 @@ def test_drafting_stops_when_its_passes_emit_slower_than_ar_steps(pair_models, p
         assert stats.fallback == "drafting does not pay (4.00 tokens per pass)"
 
 
+@pytest.mark.parametrize("pass_ms,pays", [(30, True), (45, False)])
+def test_requests_that_share_their_passes_are_judged_together(pair_models, pass_ms, pays):
+    """Two requests in one batch, AR at 6 ms a row at two rows: one emits 4 tokens a pass, the other 1 (every draft
+    rejected). Together they earn 30 ms of AR's work a pass, so at 30 ms a pass both keep drafting (the poor one,
+    judged alone on its 15 ms share, would have fallen back and left the other's passes as wide as before), and at
+    45 ms both fall back, in the same pass, with the reason naming the group."""
+    target, draft = pair_models["same"]
+    drafter = Drafter.build(draft, target.tokenizer, SpecConfig(adaptive=False, k=3, recycling=False, fallback_after=3,
+                                                                draft_vocab=None, max_batch=2))
+    torch.manual_seed(0)
+    drafter.costs.observe(ar_step=0.010)
+    drafter.costs.observe(ar_step=0.006, rows=2)
+    keys = ("good", "poor")
+    for key in keys:
+        drafter.start(key, "en", mel=torch.randn(80, 3000))
+    out = {key: [400] for key in keys}
+    drafter.feedback({key: [400] for key in keys})
+    for _ in range(3):
+        trees = drafter.propose(out, {key: 20 for key in keys})
+        assert all(len(trees[key]) == 3 for key in keys)
+        good = [trees["good"].tokens[i] for i in range(3)] + [402]  # the chain, all accepted, then the target's own
+        poor = [404 if trees["poor"].tokens[0] == 403 else 403]  # the first draft token rejected
+        out["good"] += good
+        out["poor"] += poor
+        drafter.feedback({"good": good, "poor": poor}, seconds=pass_ms / 2000, pass_seconds=pass_ms / 1000)
+    trees = drafter.propose(out, {key: 20 for key in keys})
+    assert [len(trees[key]) for key in keys] == ([3, 3] if pays else [0, 0])
+    stats = drafter.release(list(keys))
+    if pays:
+        assert stats["good"].fallback is None and stats["poor"].fallback is None
+    else:
+        assert stats["good"].fallback == "drafting does not pay (4.00 tokens per pass, 2 requests judged together)"
+        assert stats["poor"].fallback == "drafting does not pay (1.00 tokens per pass, 2 requests judged together)"
+
+
 def test_where_drafting_has_not_paid_lately_only_probes_draft(pair_models):
     """Requests at 50 ms a pass for 4 tokens against a 10 ms AR step: once drafting paid for none of the last 4
     judged (each fell back at its last pass, the ``fallback_after``-th), new requests decode as AR from the start (no draft encoder,
@@ -175,6 +210,9 @@ def test_where_drafting_has_not_paid_lately_only_probes_draft(pair_models):
     assert not request("declined again", 3, 5)
     assert request("probe", 3, 5)  # the third since the last probe; it pays
     assert drafter.paid_lately() and request("again", 2, 50)
+    # a batch asks once (``admit``) and passes the answer to each of its rows
+    assert drafter.start("in a batch declined", "en", mel=torch.randn(80, 3000), admitted=False) is False
+    assert drafter.stats("in a batch declined").fallback == "drafting has not paid lately"
 
 
 def test_feedback_off_the_proposed_tree_is_logged_not_fatal(pair_models, caplog):

@@ -354,3 +354,36 @@ def test_speculative_decoding_on_a_cpu_is_refused_below_float32():
         with pytest.raises(Exception) as passed:  # past the check: it fails only at loading the missing model
             Transcriber(config)
         assert "float32 only" not in str(passed.value) and "no-such-model" in str(passed.value)
+
+
+@pytest.mark.real
+def test_the_drafts_cross_kv_are_kept_in_bfloat16_and_its_block_steps_traced_at_warm(tiny_en):
+    """On a CPU with native bfloat16 the draft keeps its cross K/V in bfloat16 (a step of several rows is bound by
+    reading them) and its self K/V in float32; what it proposes stays close to float32's (here: the same best
+    token at every position of a real utterance's transcript). ``warm`` traces a block graph for every number of
+    rows up to a batch's, so no batch pays for a trace inside its decode."""
+    from pathlib import Path
+
+    from specasr_vllm.audio import decode_audio, log_mel_spectrogram
+    from specasr_vllm.config import SpecConfig
+    from specasr_vllm.speculation.draft_model import DraftModel
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    half, full = DraftModel(tiny_en, SpecConfig()), DraftModel(tiny_en, SpecConfig(draft_bf16_audio=False))
+    assert half.empty_cache(1).cross_k[0].dtype == (torch.bfloat16 if native else torch.float32)
+    assert half.empty_cache(1).self_k[0].dtype == full.empty_cache(1).cross_k[0].dtype == torch.float32
+    sample = Path(__file__).parents[1] / "specasr_vllm" / "samples" / "librispeech-1089-134686-0000.flac"
+    features = full.encode(log_mel_spectrogram(decode_audio(sample), 80)[None])
+    tok = tiny_en.tokenizer
+    tokens = torch.tensor([tok.prefix("en") + tok.encode(" He hoped there would be stew for dinner, turnips")])
+    best = []
+    for draft in (half, full):
+        cache = draft.empty_cache(1)
+        rows = cache.claim(*draft.cross_kv(features))
+        best.append(draft.decode(tokens, cache, rows).argmax(-1))
+    assert torch.equal(best[0], best[1])
+
+    traced = DraftModel(tiny_en, SpecConfig(), compile=True)
+    traced.encode = lambda mel: torch.zeros(1, mel.shape[-1] // 2, tiny_en.model.dims.d_model)
+    traced.warm(traced.empty_cache(1), rows=3)
+    assert sorted(traced._block_steps) == [2, 3] and traced._step is not None

@@ -16,7 +16,8 @@ from specasr_vllm.models.whisper import Whisper
 
 
 class BatchRows:
-    """``active[p]`` is the request (index into the batch) decoding in cache row ``rows[p]``."""
+    """``active[p]`` is the request (index into the batch) decoding in cache row ``rows[p]``; ``rows`` stay in
+    increasing order, so a batch in rows ``0 .. n - 1`` is read as one block, in the order of its positions."""
 
     def __init__(self, model: Whisper, audio_features: torch.Tensor, cache: DecoderCache | None = None):
         self.cache = cache if cache is not None else model.empty_cache(audio_features.shape[0])
@@ -29,8 +30,12 @@ class BatchRows:
             return
         kept = set(positions)
         self.cache.release([row for p, row in enumerate(self.rows) if p not in kept])
-        self.rows = self.cache.compact([self.rows[p] for p in positions])
-        self.active = [self.active[p] for p in positions]
+        rows = self.cache.compact([self.rows[p] for p in positions])
+        # compaction moves the rows behind a hole into it, out of order (rows 0, 2, 3, 4, 1): positions follow the
+        # rows, else the block is not in the batch's order and the step runs the eager module over scattered rows
+        # (the Xeon CPU, 5 of 8 rows left: 57 ms a step against 31 ms compiled, more than the 40 ms for all 8)
+        self.rows, self.active = map(list, zip(*sorted(zip(rows, (self.active[p] for p in positions))))) \
+            if rows else ([], [])
 
     def __enter__(self) -> Self:
         return self

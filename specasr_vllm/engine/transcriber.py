@@ -162,7 +162,7 @@ class Transcriber:
         began = time.perf_counter()
         self.target.model.warm(rows=self.config.batch_size, cache=self.cache)
         if self.drafter is not None:
-            self.drafter.warm()
+            self.drafter.warm(self.config.batch_size)
             self._time_ar_step()
         return time.perf_counter() - began
 
@@ -338,8 +338,10 @@ class Transcriber:
         else:
             self._time_ar_step()
             keys = [next(self._keys) for _ in batch]
+            admitted = self.drafter.admit()  # the batch drafts together or decodes as AR (``Drafter.admit``)
             for key, state, (mel, _, clip) in zip(keys, batch, windows):
-                self.drafter.start(key, state.language, options.task, timestamps, options.prompt, mel=mel, audio=clip)
+                self.drafter.start(key, state.language, options.task, timestamps, options.prompt, mel=mel, audio=clip,
+                                   admitted=admitted)
             self.drafter.prepare(keys)
             timings["draft_encode"] = timings.get("draft_encode", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -31,15 +31,18 @@ class DecoderCache:
 
     ``frames`` grows to the longest audio a row has claimed; each row remembers how many of them hold
     its audio (rows encoded over fewer frames, e.g. the draft's unpadded encoder, are masked).
+
+    ``cross_dtype`` (default ``dtype``) stores the cross K/V in another dtype: the draft's in bfloat16, since a
+    step of several rows is bound by reading them (``DraftModel``); attention then computes in that dtype.
     """
 
     def __init__(self, layers: int, heads: int, head_dim: int, capacity: int, rows: int,
-                 device: torch.device, dtype: torch.dtype):
-        def per_layer(slots: int) -> list[torch.Tensor]:
+                 device: torch.device, dtype: torch.dtype, cross_dtype: torch.dtype | None = None):
+        def per_layer(slots: int, dtype: torch.dtype) -> list[torch.Tensor]:
             return [torch.zeros((rows, heads, slots, head_dim), device=device, dtype=dtype) for _ in range(layers)]
 
-        self.self_k, self.self_v = per_layer(capacity), per_layer(capacity)
-        self.cross_k, self.cross_v = per_layer(0), per_layer(0)
+        self.self_k, self.self_v = per_layer(capacity, dtype), per_layer(capacity, dtype)
+        self.cross_k, self.cross_v = per_layer(0, cross_dtype or dtype), per_layer(0, cross_dtype or dtype)
         self._lengths = [0] * rows
         self._frames = [0] * rows  # audio frames each row holds in cross_k / cross_v
         self._free = list(range(rows))  # a heap: the lowest free row is taken first

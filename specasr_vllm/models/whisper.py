@@ -60,8 +60,9 @@ class Attention(nn.Module):
         return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``q`` is (batch, t, d_model); ``k``/``v`` are already split into heads."""
-        out = F.scaled_dot_product_attention(self.split(q), k, v, attn_mask=mask)
+        """``q`` is (batch, t, d_model); ``k``/``v`` are already split into heads. K/V stored in another dtype (the
+        draft's cross K/V in bfloat16, ``DecoderCache``) set the dtype the attention computes in."""
+        out = F.scaled_dot_product_attention(self.split(q).to(k.dtype), k, v, attn_mask=mask).to(q.dtype)
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -289,11 +290,12 @@ class Whisper(nn.Module):
             vs.append(attn.split(v_proj(audio_features)))
         return torch.stack(ks), torch.stack(vs)
 
-    def empty_cache(self, rows: int) -> DecoderCache:
-        """A preallocated cache with ``rows`` rows (it grows if more are claimed), on this model's device."""
+    def empty_cache(self, rows: int, cross_dtype: torch.dtype | None = None) -> DecoderCache:
+        """A preallocated cache with ``rows`` rows (it grows if more are claimed), on this model's device, its
+        cross K/V in ``cross_dtype`` (default: the model's)."""
         d = self.dims
         return DecoderCache(d.decoder_layers, d.decoder_heads, d.d_model // d.decoder_heads, d.max_target_positions,
-                            rows, self.device, self.dtype)
+                            rows, self.device, self.dtype, cross_dtype)
 
     def new_cache(self, audio_features: torch.Tensor) -> DecoderCache:
         """A cache whose rows ``0 .. batch - 1`` hold ``audio_features``' requests (a one-off batch)."""

@@ -66,6 +66,7 @@ class _Request:
     spent: float = 0.0  # their measured seconds, this request's share, where AR's price was known (``ar_cost``)
     ar_cost: float = 0.0  # what AR steps as wide as those passes would have cost for their tokens (0: not known)
     judged: bool = False  # whether the engine-wide judgement has counted it (``paid_lately``)
+    verdict: bool | None = None  # whether drafting paid for the group it was last judged with (``feedback``)
     stats: SpecStats = field(default_factory=SpecStats)
 
     def drafted(self) -> bool:
@@ -132,21 +133,38 @@ class Drafter:
     def device(self) -> torch.device:
         return self.draft.device
 
-    def warm(self) -> None:
+    def warm(self, rows: int | None = None) -> None:
         """Compile and trace what the draft's first request would otherwise wait for (``DraftModel.warm``: its
         encoder at every input length, its step graphs on this drafter's cache, rows reserved on a GPU for
-        ``max_batch`` requests and, with the tree, each one's branches)."""
+        ``rows`` requests drafting together, by default ``max_batch``, and, with the tree, each one's branches)."""
+        rows = min(rows or self.config.max_batch, self.config.max_batch)
         branches = self.config.tree_branches if self.config.tree else 0
-        self.draft.warm(self.cache, self.config.max_batch, self.config.max_batch * (1 + branches))
+        self.draft.warm(self.cache, rows, rows * (1 + branches))
 
     # ---- request lifecycle -------------------------------------------------------------------
+    def admit(self) -> bool:
+        """Whether a new request, or a new batch of requests that decode together, should draft: yes while drafting
+        paid lately (``paid_lately``), else only every ``probe_every``-th time, to notice when it pays again. A batch
+        asks once for all its rows: a row that decodes as AR among drafting rows, or drafts among rows that decode as
+        AR, gains nothing, since every pass is as wide and as slow as its widest row's."""
+        if self.paid_lately():
+            self._since_probe = 0
+            return True
+        self._since_probe += 1
+        if self._since_probe < self.config.probe_every:
+            return False
+        self._since_probe = 0
+        return True
+
     def start(self, key: Hashable, language: str, task: str = "transcribe", timestamps: bool = False,
-              prompt: str | None = None, mel: torch.Tensor | None = None, audio: np.ndarray | None = None) -> bool:
+              prompt: str | None = None, mel: torch.Tensor | None = None, audio: np.ndarray | None = None,
+              admitted: bool | None = None) -> bool:
         """Register a request; returns whether the draft serves it (else it runs as AR, never drafting).
 
         ``mel`` is the target's (n_mels, frames) log-mel window and/or ``audio`` its 16 kHz samples;
         the draft encoder runs once, over the audio's frames only (``draft_unpadded``), when the
-        request first drafts. Requests may join while others run (continuous batching).
+        request first drafts. Requests may join while others run (continuous batching). ``admitted``: the host's
+        ``admit`` for the batch this request decodes in (None: asked here, for this request alone).
         """
         if key in self.requests:
             raise ValueError(f"request {key!r} is already started")
@@ -158,13 +176,10 @@ class Drafter:
         if not req.enabled:
             req.stats.fallback = "draft does not serve this language"
             return False
-        if not self.paid_lately():  # decode as AR, unless it is time to look again
-            self._since_probe += 1
-            if self._since_probe < self.config.probe_every:
-                req.enabled = False
-                req.stats.fallback = "drafting has not paid lately"
-                return False
-        self._since_probe = 0
+        if not (self.admit() if admitted is None else admitted):  # decode as AR, unless it is time to look again
+            req.enabled = False
+            req.stats.fallback = "drafting has not paid lately"
+            return False
         req.mel = draft_features(self.draft.asr.n_mels, mel, audio, self.config.draft_unpadded,
                                  self.draft.frame_multiple)
         return True
@@ -201,7 +216,7 @@ class Drafter:
         for key in keys:
             req = self.requests[key]
             if req.enabled and req.passes >= self.config.fallback_after:
-                self._judged(req, self.pays(req))
+                self._judged(req, req.verdict if req.verdict is not None else self.pays([req]))
         self._stop_drafting(keys)
 
     def _stop_drafting(self, keys: list[Hashable]) -> None:
@@ -563,7 +578,7 @@ class Drafter:
             req = self.requests[next(iter(emitted))]
             if req.drafted():  # one request's drafting pass: what the stopping rule prices, by the tree's width
                 self.costs.passes.observe(len(req.last_tree), pass_seconds)
-        stop = []
+        judged = []
         for key, tokens in emitted.items():
             req = self.requests[key]
             st = req.stats
@@ -593,24 +608,38 @@ class Drafter:
             if price is not None:
                 req.spent += share
                 req.ar_cost += len(tokens) * price
-            if req.passes >= self.config.fallback_after and not self.pays(req):
+            if req.passes >= self.config.fallback_after:
+                judged.append(key)
+        # the requests this pass judges, together: they share every pass, so they draft together or not at all
+        group = [self.requests[key] for key in judged]
+        paid = self.pays(group) if group else True
+        for req in group:
+            req.verdict = paid
+        if not paid:
+            for key, req in zip(judged, group):
                 self._judged(req, False)
                 req.enabled = False
-                st.fallback = f"drafting does not pay ({req.tokens / req.passes:.2f} tokens per pass)"
-                stop.append(key)
-        self._stop_drafting(stop)
+                req.stats.fallback = f"drafting does not pay ({req.tokens / req.passes:.2f} tokens per pass" + \
+                    (f", {len(group)} requests judged together)" if len(group) > 1 else ")")
+            self._stop_drafting(judged)
 
-    def pays(self, req: _Request) -> bool:
-        """Whether drafting pays for ``req``. Measured where the host reports whole passes and an AR step has
-        been timed (the embedded engine times one before it first drafts, at one row and at ``max_batch``): its
-        passes emit tokens no more than ``max_loss`` slower than AR steps as wide as each pass would (its share of
-        a pass against AR's price per row at that width, ``Costs.ar_price``). Else modelled: its accepted tokens
-        must pay for its draft steps, priced in verification passes, and earn ``min_accept`` a pass more."""
+    def pays(self, group: list[_Request]) -> bool:
+        """Whether drafting pays for ``group``, requests judged together (one, or a batch that shares its passes).
+        Measured where the host reports whole passes and an AR step has been timed (the embedded engine times one
+        before it first drafts, at one row and at its widest batch): their passes emit tokens no more than
+        ``max_loss`` slower than AR steps as wide as each pass would (each one's share of a pass against AR's price
+        per row at that width, ``Costs.ar_price``). Else modelled: their accepted tokens must pay for their draft
+        steps, priced in verification passes, and earn ``min_accept`` a pass more.
+
+        Why together: in a batch a request that stops drafting saves little (the others' trees still set each
+        pass's width and its draft steps) and emits one token a pass, so the batch needs more of those passes;
+        judged alone, the requests the draft guesses worst fell back one by one and the batch ran slower than AR."""
         c = self.costs
-        if req.ar_cost:
-            return req.ar_cost >= req.spent * (1 - self.config.max_loss)
-        accepted = req.tokens - req.passes  # each pass also emits the target's own token
-        return accepted >= req.stats.draft_steps * c.draft_step / c.verify + self.config.min_accept * req.passes
+        if all(req.ar_cost for req in group):
+            return sum(r.ar_cost for r in group) >= sum(r.spent for r in group) * (1 - self.config.max_loss)
+        accepted = sum(r.tokens - r.passes for r in group)  # each pass also emits the target's own token
+        steps, passes = sum(r.stats.draft_steps for r in group), sum(r.passes for r in group)
+        return accepted >= steps * c.draft_step / c.verify + self.config.min_accept * passes
 
     def paid_lately(self) -> bool:
         """False where drafting did not pay (``pays``, on measured time) for any of the last ``_RECENT`` requests
