@@ -43,7 +43,7 @@ SPEC_VARIANTS = {  # name -> (method, SpecConfig switches): the paper's baseline
     "specasr-adaptive": ("specasr", {"recycling": False}),
     "specasr": ("specasr", {}),  # adaptive + recycling: the default
     "specasr-tree": ("specasr", {"tree": True}),
-    "specasr-wide": ("specasr", {"max_batch": 64}),  # drafts at any batch width (the default: up to 8 rows)
+    "specasr-wide": ("specasr", {"max_batch": 64}),  # drafts at any batch width (the default drafts for one row)
     "specasr-concurrent": ("specasr", {"concurrent_draft": True}),
 }
 VLLM_METHODS = {"vllm-ar": "ar", "vllm-specasr": "specasr"}  # vLLM's offline engine, alone and with our proposer

@@ -149,11 +149,11 @@ class SpecConfig:
     # where drafting paid (by max_loss, measured) for none of the last 4 requests judged, only every probe_every-th
     # new request drafts, to notice when it pays again; the others decode as AR from the start (Drafter.paid_lately)
     probe_every: int = 8
-    # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR). A batch
-    # drafts together or not at all (Drafter.admit, judged together in Drafter.pays). The Xeon CPU, 32 dev files in
-    # batches of 8, compiled: decode 1.30-1.38x of AR once the draft's cross K/V were bfloat16 and its block graphs
-    # traced at warm-up (0.93-1.02x before: benchmarks/results/engines-b8, xeon-engines-b8-batchdraft)
-    max_batch: int = 8
+    # draft only for batches of at most this many windows (the embedded engine decodes a wider batch as AR); a batch
+    # drafts together or not at all (Drafter.admit, judged together in Drafter.pays). One by default: on this 2-core
+    # CPU an 8-row pass of 7 tokens costs ~2 AR steps of 8 rows and its 6-7 draft steps ~1.2 more, for ~4.4 tokens a
+    # row, and batches of 8 decoded 1.01x of AR drafting (benchmarks/results/xeon-engines-b8-s18; 0.93-1.02x before)
+    max_batch: int = 1
     # where several requests draft in one pass, each tree has at most this many nodes: the target verifies every row
     # as wide as the longest tree, and draft steps run for every row until the longest chain stops
     batch_draft: int = 6
@@ -231,10 +231,8 @@ class VLLMPluginConfig:
     draft: str = DEFAULT_DRAFT  # a registry name or a local Hugging Face Whisper directory
     method: str = "specasr"  # "specasr" (adaptive length + recycling) or "sd" (fixed length k)
     spec: dict = field(default_factory=dict)  # SpecConfig overrides, e.g. {"max_draft": 16}
-    max_batch: int = 1  # SpecConfig's rule, in vLLM's scheduler: with more requests decoding the proposer drafts
-    # nothing. One by default: vLLM's steps of several requests already fill this CPU (serve_load at concurrency 4
-    # and 8: 1.01x and 1.03x of vLLM alone with it; benchmarks/results/vllm-*), and drafting for several requests
-    # inside vLLM has not been measured to pay
+    max_batch: int = SpecConfig.max_batch  # SpecConfig's rule, in vLLM's scheduler: with more requests decoding
+    # the proposer drafts nothing (a step of several requests already fills this CPU: benchmarks/results/vllm-*)
 
     @classmethod
     def load(cls, model_dir: Path) -> VLLMPluginConfig:

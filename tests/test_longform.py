@@ -95,7 +95,7 @@ def test_long_files_match_transformers_long_form(base_ar, references, long_files
 @real
 @pytest.mark.parametrize("method", ["sd", "specasr"])
 def test_speculative_long_form_matches_transformers(method, base, tiny_en, references, long_files, dev_audio):
-    # max_batch 8 (the default): the files' windows decode together and still draft
+    # max_batch 8: the files' windows decode together and still draft (the default decodes such batches as AR)
     config = EngineConfig(method=method, spec=SpecConfig.for_method(method, max_batch=8))
     transcriber = Transcriber(config, target=base, draft=tiny_en)
     for language in sorted({e.language for e in long_files}):

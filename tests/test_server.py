@@ -41,8 +41,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(base, tiny_en):
-    # every batch of concurrent requests drafts (max_batch 8, the default), so the speculation counters move under
-    # concurrency too
+    # every batch drafts (the default, max_batch 1, decodes concurrent requests' batches as AR), so the
+    # speculation counters move under concurrency too
     transcriber = Transcriber(EngineConfig(method="specasr", spec=SpecConfig(max_batch=8)), target=base, draft=tiny_en)
     port = free_port()
     app = build_app(transcriber, ServerConfig(port=port, max_queue=16))

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.real
 
 
 def _run(base, tiny_en, manifest, dev_audio, method: str, **spec):
-    """Batches of 8 windows with every row drafting to the end (by default a batch whose drafting is slower than AR
-    steps as wide falls back, judged together): batched verification must be exact too."""
+    """Batches of 8 windows with every row drafting to the end (the engine's default drafts for one row at a time
+    only, SpecConfig.max_batch, and a batch whose drafting is slower than AR steps as wide falls back, judged
+    together): batched verification must be exact too."""
     config = EngineConfig(method=method, spec=SpecConfig.for_method(method, max_batch=8, fallback_after=10**6, **spec))
     return transcribe_by_language(Transcriber(config, target=base, draft=tiny_en), manifest, dev_audio)
 
