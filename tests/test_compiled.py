@@ -197,7 +197,7 @@ def test_the_draft_block_graph_computes_what_the_eager_draft_computes(tiny_en):
     from specasr_vllm.config import SpecConfig
     from specasr_vllm.speculation.draft_model import DraftModel
 
-    config = SpecConfig(draft_int8=False)
+    config = SpecConfig(draft_int8=False, draft_bf16_audio=False)  # float32 throughout: the same sums, to 1e-5
     graph, eager = DraftModel(tiny_en, config, compile=True), DraftModel(tiny_en, config)
     torch.manual_seed(1)
     caches = [graph.empty_cache(1), eager.empty_cache(1)]
@@ -225,7 +225,7 @@ def test_the_draft_graph_serves_trees_of_any_width_like_the_eager_draft(tiny_en)
     from specasr_vllm.config import SpecConfig
     from specasr_vllm.speculation.draft_model import DraftModel
 
-    config = SpecConfig(draft_int8=False)
+    config = SpecConfig(draft_int8=False, draft_bf16_audio=False)  # float32 throughout: the same sums, to 1e-5
     graph, eager = DraftModel(tiny_en, config, compile=True), DraftModel(tiny_en, config)
     torch.manual_seed(0)
     features = [eager.model.encode(torch.randn(1, tiny_en.n_mels, frames)) for frames in (600, 1400, 300)]

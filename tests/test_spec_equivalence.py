@@ -289,4 +289,5 @@ def test_drafting_in_a_batch_is_judged_against_ar_at_that_width(pair_models):
         return [s.fallback for s in drafter.release(["r", "s"]).values()]
 
     assert judged(None) == [None, None]  # priced at one row's 12 ms: pays
-    assert judged(0.004) == ["drafting does not pay (4.00 tokens per pass)"] * 2  # 4 tokens x 4 ms < 20 ms x 0.9
+    # 4 tokens x 4 ms < 20 ms x 0.9: the two fall back together
+    assert judged(0.004) == ["drafting does not pay (4.00 tokens per pass, 2 requests judged together)"] * 2
