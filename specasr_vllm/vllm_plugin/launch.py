@@ -123,8 +123,9 @@ def variables(base: Mapping[str, str] = os.environ) -> dict[str, str]:
     if is_cpu_build():
         ours["VLLM_CPU_OMP_THREADS_BIND"] = base.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
         preload = base.get("LD_PRELOAD", "")
-        runtime = intel_openmp()
-        if runtime is not None and not any(name in preload for name in OPENMP_RUNTIMES):
+        # the wheel's file list is read only where the user preloads no runtime of their own
+        runtime = None if any(name in preload for name in OPENMP_RUNTIMES) else intel_openmp()
+        if runtime is not None:
             ours["LD_PRELOAD"] = ":".join(filter(None, [preload, str(runtime)]))
     return ours
 
